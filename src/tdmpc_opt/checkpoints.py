@@ -104,13 +104,24 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return _read_torch(path), {}
 
 
+def _unpickling_reason(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    found = [ln for ln in lines if "nsupported" in ln or "GLOBAL" in ln]
+    return (found or lines or [type(e).__name__])[0][:200]
+
+
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a checkpoint (neither a PyTorch nor a safetensors "
+                              "file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load (not a plain tensor checkpoint; "
-                              f"it may try to run code): {first}") from None
+        raise CheckpointError(f"{path}: refused to load: the file asks to build objects other "
+                              f"than tensors, which could run code ({_unpickling_reason(e)})"
+                              ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
             AttributeError, IndexError, TypeError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,171 @@
+"""The acting agent: a world model, an MPPI planner (or the policy prior) and per-episode state.
+
+>>> from tdmpc_opt import load_agent
+>>> agent = load_agent("tdmpc-opt-mt30-1M-fp16.pt", device="cpu")
+>>> action = agent.act(obs, task="walker-walk", t0=True)            # one observation
+>>> actions = agent.act(obs_batch, task=task_ids, t0=starts)        # [B, obs] at once
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from tdmpc_opt import math as tm
+from tdmpc_opt.config import PlannerConfig
+from tdmpc_opt.errors import InputError, TaskError
+from tdmpc_opt.planner import draw_noise, plan
+from tdmpc_opt.world_model import WorldModel
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Agent:
+    """Acts with a TD-MPC2 world model.
+
+    Keeps one warm-start plan per batch slot; ``t0`` marks slots whose episode just began.
+    """
+
+    def __init__(self, model: WorldModel, planner: PlannerConfig | None = None,
+                 device: str | torch.device = "cpu", info: dict | None = None):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.planner = (planner or PlannerConfig()).validate()
+        self.info = info or {}
+        lengths = model.cfg.episode_lengths or (500,)
+        self.discounts = torch.tensor([tm.discount_for_episode_length(n) for n in lengths],
+                                      device=self.device)
+        self._prev_mean: torch.Tensor | None = None
+
+    @property
+    def cfg(self):
+        """The world model's :class:`~tdmpc_opt.config.ModelConfig`."""
+        return self.model.cfg
+
+    def with_planner(self, **changes) -> Agent:
+        """A new agent sharing this model with planner settings changed."""
+        return Agent(self.model, dataclasses.replace(self.planner, **changes), self.device,
+                     self.info)
+
+    # ----------------------------------------------------------------- input handling
+    def task_ids(self, task, batch: int) -> torch.Tensor | None:
+        """Task names/indices -> long tensor ``[batch]`` (None for single-task models)."""
+        if not self.cfg.multitask:
+            if task not in (None, 0) and not (isinstance(task, str) and task in self.cfg.tasks):
+                if isinstance(task, str) and self.cfg.tasks:
+                    raise TaskError(f"this single-task model is for {self.cfg.tasks[0]!r}, "
+                                    f"not {task!r}")
+            return None
+        if task is None:
+            raise TaskError(f"this multi-task model needs a task (one of {self.cfg.num_tasks})")
+        items = [task] * batch if isinstance(task, str | int | np.integer) else list(task)
+        if isinstance(task, torch.Tensor):
+            items = task.reshape(-1).tolist()
+        if len(items) != batch:
+            raise InputError(f"got {len(items)} tasks for {batch} observations")
+        return torch.tensor([self.task_index(t) for t in items], device=self.device)
+
+    def task_index(self, task: str | int) -> int:
+        """Index of a task name (or a checked index) in this model's task set."""
+        if isinstance(task, str):
+            if task not in self.cfg.tasks:
+                raise TaskError(f"task {task!r} is not in this model's task set "
+                                f"({len(self.cfg.tasks)} tasks: {', '.join(self.cfg.tasks[:5])}"
+                                f"{', ...' if len(self.cfg.tasks) > 5 else ''})")
+            return self.cfg.tasks.index(task)
+        if not 0 <= int(task) < self.cfg.num_tasks:
+            raise TaskError(f"task index {task} is outside 0..{self.cfg.num_tasks - 1}")
+        return int(task)
+
+    def prepare_obs(self, obs) -> torch.Tensor:
+        """Observations ``[D]`` or ``[B, D]`` (unpadded or padded) -> float ``[B, obs_dim]``."""
+        x = torch.as_tensor(np.asarray(obs, dtype=np.float32) if not isinstance(
+            obs, torch.Tensor) else obs, dtype=torch.float32, device=self.device)
+        if x.ndim == 1:
+            x = x.unsqueeze(0)
+        if x.ndim != 2:
+            raise InputError(f"observation must be [obs] or [batch, obs], got shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[1] > self.cfg.obs_dim:
+            raise InputError(f"observation has {x.shape[1]} values; this model takes at most "
+                             f"{self.cfg.obs_dim}")
+        if not torch.isfinite(x).all():
+            raise InputError("observation contains NaN or Inf")
+        return torch.nn.functional.pad(x, (0, self.cfg.obs_dim - x.shape[1]))
+
+    def check_obs_size(self, obs: torch.Tensor, task_ids: torch.Tensor | None,
+                       raw_dims: Sequence[int]) -> None:
+        """Raise if an unpadded observation's length differs from its task's size."""
+        from tdmpc_opt.tasks import TASKS
+
+        if task_ids is None:
+            return
+        for dim, t in zip(raw_dims, task_ids.tolist(), strict=True):
+            name = self.cfg.tasks[t]
+            want = TASKS[name].obs_dim if name in TASKS else self.cfg.obs_dim
+            if dim not in (want, self.cfg.obs_dim):
+                raise InputError(f"{name} observations have {want} values (or {self.cfg.obs_dim}"
+                                 f" padded), got {dim}")
+
+    # ------------------------------------------------------------------------- acting
+    def reset(self) -> None:
+        """Forget warm-start plans (every slot starts a new episode)."""
+        self._prev_mean = None
+
+    @torch.no_grad()
+    def act(self, obs, task=None, t0=False, eval_mode: bool = True,
+            generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Choose actions.
+
+        Args:
+            obs: ``[D]`` or ``[B, D]`` observation(s), unpadded or padded to ``obs_dim``.
+            task: task name or index (multi-task models), or one per observation.
+            t0: True where an episode starts (bool or ``[B]``).
+            eval_mode: no exploration noise on the chosen action.
+            generators: one ``torch.Generator`` per observation for reproducible planning.
+        Returns:
+            ``[A]`` or ``[B, A]`` actions in [-1, 1] (padded to ``action_dim``, masked), on CPU.
+        """
+        single = np.ndim(obs) == 1 if not isinstance(obs, torch.Tensor) else obs.ndim == 1
+        raw_dim = np.shape(obs)[-1] if not isinstance(obs, torch.Tensor) else obs.shape[-1]
+        x = self.prepare_obs(obs)
+        b = x.shape[0]
+        tid = self.task_ids(task, b)
+        self.check_obs_size(x, tid, [raw_dim] * b)
+        starts = torch.as_tensor(t0, dtype=torch.bool, device=self.device).reshape(-1)
+        starts = starts.expand(b) if starts.numel() == 1 else starts
+        z = self.model.encode(x, tid)
+        if not self.planner.mpc:
+            noise = None if generators is None else torch.stack(
+                [torch.randn(self.cfg.action_dim, generator=g) for g in generators])
+            out = self.model.pi(z, tid, None if noise is None else noise.to(self.device))
+            action = out.mean if eval_mode else out.action
+        else:
+            if self._prev_mean is None or self._prev_mean.shape[0] != b:
+                self._prev_mean = torch.zeros(b, self.planner.horizon, self.cfg.action_dim,
+                                              device=self.device)
+                starts = torch.ones_like(starts)
+            noise = draw_noise(self.planner, self.cfg.action_dim, self.cfg.num_q, b,
+                               generators).to(self.device)
+            gamma = self.discounts[tid] if tid is not None else self.discounts[:1].expand(b)
+            action, self._prev_mean = plan(self.model, self.planner, z, tid, self._prev_mean,
+                                           starts, eval_mode, noise, gamma)
+        action = action.cpu()
+        return action[0] if single else action
+
+
+def load_agent(path, device: str | torch.device = "cpu", planner: PlannerConfig | None = None,
+               tasks: tuple[str, ...] | None = None, **overrides) -> Agent:
+    """Load any supported checkpoint (TD-MPC2 ``.pt``, TD-MPC-Opt, tdmpc-opt safetensors)."""
+    from tdmpc_opt.checkpoints import load_world_model
+
+    model, info = load_world_model(path, resolve_device(device), tasks, **overrides)
+    return Agent(model, planner, device, info)
