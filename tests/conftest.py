@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny model config and paths to the published checkpoints in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdmpc_opt.config import ModelConfig, PlannerConfig, model_config_for
+
+SHARED = Path(os.environ.get("TDMPC_OPT_SHARED", Path(__file__).resolve().parents[1].parent
+                             / "shared"))
+TINY_TASKS = ("walker-walk", "cartpole-balance", "pendulum-swingup")
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or skip the test with the reason (a user's fresh clone)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's shared/ folder beside the repository)")
+    return path
+
+
+@pytest.fixture
+def fp16_ckpt() -> Path:
+    """The published TD-MPC-Opt 1M MT30 student, fp16."""
+    return shared_path("checkpoints", "tdmpc-opt-mt30-1M-fp16.pt")
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    """A three-task model small enough to train in tests."""
+    return model_config_for(TINY_TASKS, None, enc_dim=32, mlp_dim=32, latent_dim=16,
+                            task_dim=8, num_q=2, simnorm_dim=8)
+
+
+@pytest.fixture
+def tiny_single_cfg() -> ModelConfig:
+    """A single-task (cartpole-balance) model with 5 Q-functions."""
+    return model_config_for(("cartpole-balance",), None, enc_dim=32, mlp_dim=32, latent_dim=16,
+                            num_q=5)
+
+
+@pytest.fixture
+def tiny_planner() -> PlannerConfig:
+    """Few samples and iterations: fast planning in tests."""
+    return PlannerConfig(iterations=2, num_samples=32, num_elites=8, num_pi_trajs=4, horizon=3)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
