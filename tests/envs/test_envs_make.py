@@ -25,6 +25,7 @@ def test_every_mt30_task_builds_resets_and_steps(task: str) -> None:
     assert env.action_space.shape == (info.action_dim,)
     assert env.action_space.dtype == np.float32
     assert np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)
+    assert env.task_spec == env_spec(task)
 
     obs, info_dict = env.reset()
     assert obs.shape == (info.obs_dim,) and obs.dtype == np.float32

@@ -9,8 +9,6 @@ registry so that MT80 checkpoints load, but no Meta-World environment ships.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tdmpc_opt.envs.dmcontrol import (
     ACTION_REPEAT,
     DEFAULT_RENDER_SIZE,
@@ -18,39 +16,14 @@ from tdmpc_opt.envs.dmcontrol import (
     DMControlEnv,
 )
 from tdmpc_opt.envs.multitask import PaddedEnv, pad_obs, set_dims, unpad_action
+from tdmpc_opt.envs.spec import EnvSpec, env_spec
 from tdmpc_opt.errors import TaskError
 from tdmpc_opt.tasks import get_task
 
 
-@dataclass(frozen=True)
-class EnvSpec:
-    """Sizes of one task's environment, before multi-task padding."""
-
-    task: str
-    """Task name."""
-    obs_dim: int
-    """Length of the flat float32 observation."""
-    action_dim: int
-    """Length of the action; every entry lies in [-1, 1]."""
-    episode_length: int
-    """Agent steps until the episode is truncated."""
-
-
-def env_spec(task: str) -> EnvSpec:
-    """The :class:`EnvSpec` of ``task``, from the registry (no environment is built).
-
-    Works for every registered task, Meta-World ones included.
-
-    Raises:
-        TaskError: the task is unknown (the message suggests close names).
-    """
-    info = get_task(task)
-    return EnvSpec(info.name, info.obs_dim, info.action_dim, info.episode_length)
-
-
 def make_env(task: str, seed: int | None = None, *,
              render_size: int | None = None) -> DMControlEnv:
-    """Build the Gymnasium environment of ``task``.
+    """Build the Gymnasium environment of ``task``; its sizes are ``env.task_spec``.
 
     Args:
         task: a registered task name, e.g. ``walker-walk`` or ``cup-spin``.
@@ -67,12 +40,10 @@ def make_env(task: str, seed: int | None = None, *,
         raise TaskError(f"{task} is a Meta-World task; Meta-World environments are not "
                         "shipped with tdmpc-opt (only its MT30 DMControl tasks are)")
     env = DMControlEnv(info.name, seed, render_size=render_size or DEFAULT_RENDER_SIZE)
-    obs_dim = env.observation_space.shape[0]
-    act_dim = env.action_space.shape[0]
-    if (obs_dim, act_dim) != (info.obs_dim, info.action_dim):
+    if env.task_spec != env_spec(info.name):
         env.close()
-        raise TaskError(f"{task}: environment has {obs_dim} obs / {act_dim} action dims, the "
-                        f"registry says {info.obs_dim} / {info.action_dim}")
+        raise TaskError(f"{task}: the environment's sizes {env.task_spec} differ from the "
+                        f"registry's {env_spec(info.name)}")
     return env
 
 

@@ -18,6 +18,7 @@ from dm_control.rl import control
 from dm_control.suite.wrappers import action_scale
 
 from tdmpc_opt.envs.custom import CUSTOM_TASKS
+from tdmpc_opt.envs.spec import EnvSpec
 from tdmpc_opt.errors import InputError, TaskError
 
 ACTION_REPEAT = 2
@@ -88,6 +89,12 @@ class DMControlEnv(gym.Env[np.ndarray, np.ndarray]):
         self._needs_reset = True
 
     @property
+    def task_spec(self) -> EnvSpec:
+        """Observation/action sizes and episode length of this environment."""
+        return EnvSpec(self.task, self.observation_space.shape[0], self.action_space.shape[0],
+                       EPISODE_LENGTH)
+
+    @property
     def physics(self) -> Any:
         """The dm_control ``Physics`` (MuJoCo model and data) of the task."""
         return self._dm.physics
@@ -106,6 +113,8 @@ class DMControlEnv(gym.Env[np.ndarray, np.ndarray]):
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Start an episode; with ``seed``, reseed the task's generator first.
 
+        Returns ``(obs, info)``: ``obs`` float32 of shape ``(obs_dim,)``, ``info`` empty.
+
         ``make_env(task, seed=s).reset()`` and ``env.reset(seed=s)`` give the same episode.
         """
         super().reset(seed=seed)
@@ -117,11 +126,11 @@ class DMControlEnv(gym.Env[np.ndarray, np.ndarray]):
         return flatten_observation(step.observation), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Apply ``action`` (in [-1, 1], clipped) for two control steps.
+        """Apply ``action`` (shape ``(action_dim,)``, in [-1, 1], clipped) for two control steps.
 
-        Returns ``(obs, reward, terminated, truncated, info)``; ``reward`` is the sum of the
-        two control rewards (in [0, 2]), ``terminated`` is always False and ``truncated``
-        becomes True on the 500th step.
+        Returns ``(obs, reward, terminated, truncated, info)``: ``obs`` float32 of shape
+        ``(obs_dim,)``; ``reward`` the sum of the two control rewards (in [0, 2]);
+        ``terminated`` always False; ``truncated`` True on the 500th step; ``info`` empty.
 
         Raises:
             InputError: the action has the wrong shape.
