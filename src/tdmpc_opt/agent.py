@@ -59,10 +59,9 @@ class Agent:
     def task_ids(self, task, batch: int) -> torch.Tensor | None:
         """Task names/indices -> long tensor ``[batch]`` (None for single-task models)."""
         if not self.cfg.multitask:
-            if task not in (None, 0) and not (isinstance(task, str) and task in self.cfg.tasks):
-                if isinstance(task, str) and self.cfg.tasks:
-                    raise TaskError(f"this single-task model is for {self.cfg.tasks[0]!r}, "
-                                    f"not {task!r}")
+            if isinstance(task, str) and self.cfg.tasks and task not in self.cfg.tasks:
+                raise TaskError(f"this single-task model is for {self.cfg.tasks[0]!r}, "
+                                f"not {task!r}")
             return None
         if task is None:
             raise TaskError(f"this multi-task model needs a task (one of {self.cfg.num_tasks})")

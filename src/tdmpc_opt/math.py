@@ -85,7 +85,10 @@ def scale_log_std(raw: torch.Tensor, log_std_min: float, log_std_max: float) -> 
 
 
 def gaussian_logprob(eps: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """Log density of a diagonal Gaussian at standardised noise ``eps``; ``[..., A] -> [..., 1]``."""
+    """Log density of a diagonal Gaussian at standardised noise ``eps``.
+
+    ``[..., A] -> [..., 1]``.
+    """
     return (-0.5 * eps.pow(2) - log_std - LOG_SQRT_2PI).sum(-1, keepdim=True)
 
 
