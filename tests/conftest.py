@@ -10,6 +10,10 @@ import torch
 
 from tdmpc_opt.config import ModelConfig, PlannerConfig, model_config_for
 
+# Tests use small tensors: one intra-op thread avoids thread hand-off costs that dominate them
+# (and makes timing-independent results the same on every machine).
+torch.set_num_threads(1)
+
 SHARED = Path(os.environ.get("TDMPC_OPT_SHARED", Path(__file__).resolve().parents[1].parent
                              / "shared"))
 TINY_TASKS = ("walker-walk", "cartpole-balance", "pendulum-swingup")

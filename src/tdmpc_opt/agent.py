@@ -122,7 +122,7 @@ class Agent:
     @torch.no_grad()
     def act(self, obs, task=None, t0=False, eval_mode: bool = True,
             generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Choose actions.
+        """Choose actions, keeping one warm-start plan per batch slot.
 
         Args:
             obs: ``[D]`` or ``[B, D]`` observation(s), unpadded or padded to ``obs_dim``.
@@ -134,31 +134,71 @@ class Agent:
             ``[A]`` or ``[B, A]`` actions in [-1, 1] (padded to ``action_dim``, masked), on CPU.
         """
         single = np.ndim(obs) == 1 if not isinstance(obs, torch.Tensor) else obs.ndim == 1
-        raw_dim = np.shape(obs)[-1] if not isinstance(obs, torch.Tensor) else obs.shape[-1]
-        x = self.prepare_obs(obs)
+        x, tid = self.prepare_inputs(obs, task)
         b = x.shape[0]
-        tid = self.task_ids(task, b)
-        self.check_obs_size(x, tid, [raw_dim] * b)
         starts = torch.as_tensor(t0, dtype=torch.bool, device=self.device).reshape(-1)
         starts = starts.expand(b) if starts.numel() == 1 else starts
-        z = self.model.encode(x, tid)
-        if not self.planner.mpc:
-            noise = None if generators is None else torch.stack(
-                [torch.randn(self.cfg.action_dim, generator=g) for g in generators])
-            out = self.model.pi(z, tid, None if noise is None else noise.to(self.device))
-            action = out.mean if eval_mode else out.action
-        else:
-            if self._prev_mean is None or self._prev_mean.shape[0] != b:
-                self._prev_mean = torch.zeros(b, self.planner.horizon, self.cfg.action_dim,
-                                              device=self.device)
-                starts = torch.ones_like(starts)
-            noise = draw_noise(self.planner, self.cfg.action_dim, self.cfg.num_q, b,
-                               generators).to(self.device)
-            gamma = self.discounts[tid] if tid is not None else self.discounts[:1].expand(b)
-            action, self._prev_mean = plan(self.model, self.planner, z, tid, self._prev_mean,
-                                           starts, eval_mode, noise, gamma)
-        action = action.cpu()
+        if self._prev_mean is None or self._prev_mean.shape[0] != b:
+            self._prev_mean = self.initial_plan(b)
+            starts = torch.ones_like(starts)
+        action, self._prev_mean = self.step(x, tid, self._prev_mean, starts, eval_mode,
+                                            generators)
         return action[0] if single else action
+
+    def prepare_inputs(self, obs, task) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validated, padded observations ``[B, obs_dim]`` and task ids ``[B]`` (or None).
+
+        ``obs`` is ``[D]``, ``[B, D]`` or a list of 1-D observations of different lengths.
+        """
+        if isinstance(obs, list) and obs and np.ndim(obs[0]) == 1:
+            dims = [len(o) for o in obs]
+            x = torch.cat([self.prepare_obs(o) for o in obs])
+        else:
+            raw_dim = obs.shape[-1] if isinstance(obs, torch.Tensor) else np.shape(obs)[-1]
+            x = self.prepare_obs(obs)
+            dims = [raw_dim] * x.shape[0]
+        tid = self.task_ids(task, x.shape[0])
+        self.check_obs_size(x, tid, dims)
+        return x, tid
+
+    @staticmethod
+    def _rowwise(fn, x: torch.Tensor, tid: torch.Tensor | None, *rest: torch.Tensor):
+        """Apply ``fn`` one row at a time and concatenate.
+
+        Matrix products of one row take another kernel path than those of many, with other
+        rounding; evaluating single rows alone keeps an episode's numbers independent of the
+        batch it is planned in (the planner's own products have many rows either way).
+        """
+        return torch.cat([fn(x[i:i + 1], None if tid is None else tid[i:i + 1],
+                             *(r[i:i + 1] for r in rest)) for i in range(x.shape[0])])
+
+    def initial_plan(self, batch: int) -> torch.Tensor:
+        """An empty warm-start plan ``[batch, H, A]``."""
+        return torch.zeros(batch, self.planner.horizon, self.cfg.action_dim, device=self.device)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, tid: torch.Tensor | None, prev_mean: torch.Tensor,
+             t0: torch.Tensor, eval_mode: bool = True,
+             generators: list[torch.Generator] | None = None):
+        """Stateless acting on prepared inputs: ``(actions [B, A] on CPU, new plan [B, H, A])``.
+
+        The caller keeps ``prev_mean`` per episode (see :mod:`tdmpc_opt.evaluation`).
+        """
+        b = x.shape[0]
+        z = self._rowwise(self.model.encode, x, tid)
+        if not self.planner.mpc:
+            noise = torch.randn(b, self.cfg.action_dim) if generators is None else torch.stack(
+                [torch.randn(self.cfg.action_dim, generator=g) for g in generators])
+            out = self._rowwise(lambda zz, tt, ee: self.model.pi(zz, tt, ee).action_and_mean(),
+                                z, tid, noise.to(self.device))
+            action, mean = out.chunk(2, dim=-1)
+            return (mean if eval_mode else action).cpu(), prev_mean
+        noise = draw_noise(self.planner, self.cfg.action_dim, self.cfg.num_q, b,
+                           generators).to(self.device)
+        gamma = self.discounts[tid] if tid is not None else self.discounts[:1].expand(b)
+        action, mean = plan(self.model, self.planner, z, tid, prev_mean, t0.to(self.device),
+                            eval_mode, noise, gamma)
+        return action.cpu(), mean
 
 
 def load_agent(path, device: str | torch.device = "cpu", planner: PlannerConfig | None = None,

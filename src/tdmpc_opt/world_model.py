@@ -40,6 +40,10 @@ class PolicyOutput:
     scaled_entropy: torch.Tensor
     """-log_prob scaled by the number of active action dimensions (TD-MPC2's entropy term)."""
 
+    def action_and_mean(self) -> torch.Tensor:
+        """``[..., 2A]``: the sample and the mean side by side."""
+        return torch.cat([self.action, self.mean], dim=-1)
+
 
 class WorldModel(nn.Module):
     """TD-MPC2 world model. All methods accept arbitrary leading dims ``[...]``.

@@ -1,0 +1,108 @@
+"""Batched evaluation: reproducibility, batch invariance, scores, resume, bad input."""
+
+import json
+
+import pytest
+
+from tdmpc_opt.agent import Agent, load_agent
+from tdmpc_opt.cli import main
+from tdmpc_opt.evaluation import episode_specs, run_episodes, summarize, task_score
+from tdmpc_opt.world_model import WorldModel
+
+
+@pytest.fixture
+def tiny_agent(tiny_cfg, tiny_planner):
+    return Agent(WorldModel(tiny_cfg), tiny_planner)
+
+
+def _returns(agent, specs, batch):
+    return [r.episode_return for r in run_episodes(agent, specs, batch, max_steps=6)]
+
+
+def test_returns_do_not_depend_on_batch_size(tiny_agent):
+    specs = episode_specs(("walker-walk", "cartpole-balance", "pendulum-swingup"), 2, seed=7)
+    one = _returns(tiny_agent, specs, 1)
+    assert one == _returns(tiny_agent, specs, 4)
+    assert one == _returns(tiny_agent, specs, 6)
+    assert one == _returns(tiny_agent, specs, 1)  # and across runs
+
+
+def test_policy_mode_is_batch_invariant_too(tiny_agent):
+    agent = tiny_agent.with_planner(mpc=False)
+    specs = episode_specs(("walker-walk", "cartpole-balance"), 2, seed=3)
+    assert _returns(agent, specs, 1) == _returns(agent, specs, 3)
+
+
+def test_episode_seeds_are_per_task_and_episode():
+    a = episode_specs(("walker-walk", "cartpole-balance"), 3, seed=1)
+    b = episode_specs(("cartpole-balance",), 3, seed=1)
+    assert [s.seed for s in a if s.task == "cartpole-balance"] == [s.seed for s in b]
+    assert len({s.seed for s in a}) == 6
+
+
+def test_normalized_score():
+    specs = episode_specs(("cartpole-balance",), 2, 1)
+    from tdmpc_opt.evaluation import EpisodeResult
+
+    results = [EpisodeResult("cartpole-balance", 0, specs[0].seed, 900.0, 500),
+               EpisodeResult("cartpole-balance", 1, specs[1].seed, 700.0, 500),
+               EpisodeResult("walker-stand", 0, 5, 400.0, 500)]
+    s = summarize(results, ("cartpole-balance", "walker-stand"))
+    assert s["tasks"]["cartpole-balance"]["mean_return"] == 800.0
+    assert s["normalized_score"] == pytest.approx((80.0 + 40.0) / 2)
+    assert task_score("mw-reach", [0.0, 0.0], [1.0, 0.0]) == 50.0
+
+
+def test_published_checkpoint_short_episode_cli_and_resume(fp16_ckpt, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["eval", "--checkpoint", str(fp16_ckpt), "--tasks", "cartpole-balance,walker-stand",
+            "--episodes", "1", "--max-steps", "4", "--json", str(out), "--quiet",
+            "num_samples=64", "num_elites=16", "iterations=2"]
+    assert main(args) == 0
+    first = json.loads(out.read_text())
+    assert set(first["tasks"]) == {"cartpole-balance", "walker-stand"}
+    assert first["checkpoint_sha256"] and first["planner"]["num_samples"] == 64
+    # start again: nothing is rerun and the result is the same
+    assert main(args) == 0
+    assert "resuming: 2 of 2" in capsys.readouterr().out
+    assert json.loads(out.read_text())["tasks"] == first["tasks"]
+
+
+def test_cartpole_balance_short_run_scores_high(fp16_ckpt):
+    agent = load_agent(fp16_ckpt).with_planner(num_samples=128, num_elites=32, iterations=3)
+    res = run_episodes(agent, episode_specs(("cartpole-balance",), 1, 1), max_steps=50)
+    # balancing from the start: nearly 1 reward per physics step, 2 per agent step
+    assert res[0].episode_return > 0.9 * 2 * 50
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "walker-flip"], "unknown task 'walker-flip'"),
+    (["--tasks", "mw-reach"], "Meta-World"),
+    (["--episodes", "0"], "must be positive"),
+    (["--tasks", "cartpole-balance", "horizon=0"], "horizon must be positive"),
+    (["--tasks", "cartpole-balance", "num_sample=3"], "did you mean 'num_samples'"),
+])
+def test_bad_input_is_one_clear_line(fp16_ckpt, capsys, argv, message):
+    code = None
+    try:
+        code = main(["eval", "--checkpoint", str(fp16_ckpt), *argv])
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_checkpoint_for_other_tasks_is_refused(tmp_path, capsys, tiny_single_cfg):
+    from tdmpc_opt.checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path / "m.safetensors", WorldModel(tiny_single_cfg))
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.safetensors"),
+                 "--tasks", "walker-walk"]) == 2
+    assert "single-task checkpoint is for 'cartpole-balance'" in capsys.readouterr().err
+    from tdmpc_opt.config import model_config_for
+
+    cfg = model_config_for(("walker-walk",), None, enc_dim=16, mlp_dim=16, latent_dim=16)
+    save_checkpoint(tmp_path / "w.safetensors", WorldModel(cfg))
+    assert main(["eval", "--checkpoint", str(tmp_path / "w.safetensors"),
+                 "--tasks", "walker-walk,cheetah-run"]) == 2
+    assert "single-task checkpoint" in capsys.readouterr().err
