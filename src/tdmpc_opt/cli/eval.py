@@ -102,7 +102,7 @@ def run(args) -> int:
     from tdmpc_opt.agent import load_agent
     from tdmpc_opt.cli._common import write_json
     from tdmpc_opt.config import PlannerConfig, apply_overrides
-    from tdmpc_opt.evaluation import episode_specs, result_to_dict, run_episodes, summarize
+    from tdmpc_opt.evaluation import episode_specs, result_to_dict, summarize
     from tdmpc_opt.tasks import resolve_tasks
 
     if args.threads:
