@@ -1,0 +1,92 @@
+"""The acting agent: public API, batching, reproducibility, input checks."""
+
+import pytest
+import torch
+
+from tdmpc_opt import load_agent
+from tdmpc_opt.agent import Agent
+from tdmpc_opt.config import PlannerConfig
+from tdmpc_opt.errors import InputError, TaskError
+from tdmpc_opt.planner import draw_noise, plan, plan_literal
+from tdmpc_opt.world_model import WorldModel
+
+
+def test_act_single_and_batched(tiny_cfg, tiny_planner):
+    agent = Agent(WorldModel(tiny_cfg), tiny_planner)
+    a = agent.act(torch.randn(24), task="walker-walk", t0=True)
+    assert a.shape == (6,) and a.abs().max() <= 1
+    b = agent.act(torch.randn(3, 5), task=["cartpole-balance"] * 3, t0=True)
+    assert b.shape == (3, 6) and torch.all(b[:, 1:] == 0)  # masked to cartpole's 1 action
+
+
+def test_same_generator_seed_same_action(tiny_cfg, tiny_planner):
+    agent = Agent(WorldModel(tiny_cfg), tiny_planner)
+    obs = torch.randn(2, 24)
+    acts = [agent.act(obs, task=[0, 1], t0=True, eval_mode=False,
+                      generators=[torch.Generator().manual_seed(s) for s in (4, 5)])
+            for _ in range(2)]
+    assert torch.equal(acts[0], acts[1])
+
+
+def test_warm_start_uses_the_previous_plan(tiny_cfg, tiny_planner):
+    model = WorldModel(tiny_cfg).eval()
+    noise = draw_noise(tiny_planner, 6, 2, 1, [torch.Generator().manual_seed(1)])
+    z = model.encode(torch.randn(1, 24), torch.tensor([0]))
+    prev = torch.full((1, 3, 6), 0.5)
+    args = (model, tiny_planner, z, torch.tensor([0]))
+    cold, _ = plan(*args, prev, torch.tensor([True]), True, noise, torch.tensor([0.99]))
+    warm, _ = plan(*args, prev, torch.tensor([False]), True, noise, torch.tensor([0.99]))
+    assert not torch.equal(cold, warm)
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_batched_planner_equals_literal(tiny_cfg, tiny_single_cfg, tiny_planner, single):
+    cfg = tiny_single_cfg if single else tiny_cfg
+    model = WorldModel(cfg).eval()  # eval mode: no Q dropout
+    torch.nn.init.normal_(model._reward[-1].weight, std=0.5)  # non-trivial values
+    torch.nn.init.normal_(model._Qs.params[-1].weight, std=0.5)
+    b = 3
+    obs = torch.randn(b, cfg.obs_dim)
+    task = None if single else torch.tensor([0, 1, 2])
+    gens = [torch.Generator().manual_seed(i) for i in range(b)]
+    noise = draw_noise(tiny_planner, cfg.action_dim, cfg.num_q, b, gens)
+    prev = torch.rand(b, tiny_planner.horizon, cfg.action_dim) * 2 - 1
+    t0 = torch.tensor([True, False, False])
+    z = torch.cat([model.encode(obs[i:i + 1], None if task is None else task[i:i + 1])
+                   for i in range(b)])
+    act, mean = plan(model, tiny_planner, z, task, prev, t0, False, noise, torch.full((b,), .99))
+    for i in range(b):
+        a_ref, m_ref = plan_literal(model, tiny_planner, obs[i], None if single else i, prev[i],
+                                    bool(t0[i]), False, noise[i], 0.99)
+        assert torch.allclose(act[i], a_ref, atol=1e-5)
+        assert torch.allclose(mean[i], m_ref, atol=1e-5)
+
+
+def test_policy_mode(tiny_cfg):
+    agent = Agent(WorldModel(tiny_cfg), PlannerConfig(mpc=False))
+    a = agent.act(torch.randn(24), task=0, eval_mode=True)
+    b = agent.act(torch.randn(24), task=0, eval_mode=True)
+    assert a.shape == (6,) and not torch.equal(a, b)
+
+
+def test_bad_inputs(tiny_cfg, tiny_planner):
+    agent = Agent(WorldModel(tiny_cfg), tiny_planner)
+    with pytest.raises(TaskError, match="not in this model's task set"):
+        agent.act(torch.randn(24), task="cheetah-run")
+    with pytest.raises(TaskError, match="outside"):
+        agent.act(torch.randn(24), task=7)
+    with pytest.raises(InputError, match="at most 24"):
+        agent.act(torch.randn(30), task=0)
+    with pytest.raises(InputError, match="cartpole-balance observations have 5"):
+        agent.act(torch.randn(7), task="cartpole-balance")
+    with pytest.raises(InputError, match="NaN"):
+        agent.act(torch.full((24,), float("nan")), task=0)
+    with pytest.raises(TaskError, match="needs a task"):
+        agent.act(torch.randn(24))
+
+
+def test_load_agent_on_published_checkpoint(fp16_ckpt):
+    agent = load_agent(fp16_ckpt, device="cpu",
+                       planner=PlannerConfig(num_samples=64, num_elites=8, iterations=2))
+    a = agent.act(torch.zeros(5), task="cartpole-balance", t0=True)
+    assert a.shape == (6,) and torch.all(a[1:] == 0)

@@ -1,0 +1,109 @@
+"""CLI: info, predict and convert on the published checkpoints; bad input is one clear line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import shared_path
+from tdmpc_opt.cli import main
+
+
+def _run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("variant", ["fp16", "int8", "mixed"])
+def test_info_reports_every_number(variant, capsys):
+    path = shared_path("checkpoints", f"tdmpc-opt-mt30-1M-{variant}.pt")
+    code, out, _ = _run(["info", str(path), "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["stored_numbers"] == 1_980_357
+    assert info["learnable_params"] == 1_426_427 and info["task_set"] == "mt30"
+    code, out, _ = _run(["info", str(path)], capsys)
+    assert "1,980,357" in out and "mt30" in out
+
+
+def test_predict_reproduces_the_golden_file(fp16_ckpt, tmp_path, capsys):
+    golden = json.loads(shared_path("reference", "golden-predictions-3tasks.json").read_text())
+    items = [{"task": i["task"], "obs": i["obs"], "action": i["action"]}
+             for i in golden["items"]]
+    (tmp_path / "in.json").write_text(json.dumps(items))
+    code, _, _ = _run(["predict", "--checkpoint", str(fp16_ckpt), "--input",
+                       str(tmp_path / "in.json"), "--output", str(tmp_path / "out.json")], capsys)
+    assert code == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    for got, want in zip(out, golden["items"], strict=True):
+        assert max(abs(a - b) for a, b in zip(got["z"], want["z"], strict=True)) < 1e-4
+        assert max(abs(a - b) for a, b in zip(got["z_next"], want["z_next"], strict=True)) < 1e-4
+        for key in ("reward", "q_mean"):
+            assert abs(got[key] - want[key]) <= 1e-3 * abs(want[key])
+        assert max(abs(a - b) for a, b in zip(got["pi_mean"], want["pi_mean"], strict=True)) < 1e-3
+
+
+def test_predict_accepts_unpadded_inputs(fp16_ckpt, tmp_path, capsys):
+    items = [{"task": "cartpole-balance", "obs": [0.1, 0.2, 0.3, 0.4, 0.5], "action": [0.3]},
+             {"task": "cartpole-balance", "obs": [0.1, 0.2, 0.3, 0.4, 0.5] + [0.0] * 19,
+              "action": [0.3, 0, 0, 0, 0, 0]}]
+    (tmp_path / "in.json").write_text(json.dumps(items))
+    code, _, _ = _run(["predict", "--checkpoint", str(fp16_ckpt), "--input",
+                       str(tmp_path / "in.json"), "--output", str(tmp_path / "o.json")], capsys)
+    a, b = json.loads((tmp_path / "o.json").read_text())
+    assert code == 0 and a["z"] == b["z"] and a["reward"] == b["reward"]
+
+
+def test_convert_round_trip_keeps_predictions(fp16_ckpt, tmp_path, capsys):
+    st, pt = tmp_path / "m.safetensors", tmp_path / "m.pt"
+    assert _run(["convert", str(fp16_ckpt), str(st)], capsys)[0] == 0
+    assert _run(["convert", str(st), str(pt), "--dtype", "float16"], capsys)[0] == 0
+    infos = [json.loads(_run(["info", str(p), "--json"], capsys)[1]) for p in (st, pt)]
+    assert infos[0]["format"] == "tdmpc-opt" and infos[1]["format"] == "torch"
+    assert infos[0]["stored_numbers"] == infos[1]["stored_numbers"] == 1_980_357
+
+
+def _bad_inputs(tmp_path, ckpt):
+    (tmp_path / "notjson.json").write_text("{nope")
+    (tmp_path / "wrongobs.json").write_text(json.dumps(
+        [{"task": "walker-walk", "obs": [0.0] * 7, "action": [0.0] * 6}]))
+    (tmp_path / "task.json").write_text(json.dumps(
+        [{"task": "walker-moonwalk", "obs": [0.0] * 24, "action": [0.0] * 6}]))
+    (tmp_path / "trunc.pt").write_bytes(ckpt.read_bytes()[:5000])
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    pred = ["predict", "--checkpoint", str(ckpt), "--output", str(tmp_path / "o.json"),
+            "--input"]
+    return [
+        (["info", str(tmp_path / "missing.pt")], "no such file"),
+        (["info", str(tmp_path / "text.pt")], "not a checkpoint"),
+        (["info", str(tmp_path / "trunc.pt")], "truncated or corrupted"),
+        ([*pred, str(tmp_path / "notjson.json")], "not valid JSON"),
+        ([*pred, str(tmp_path / "wrongobs.json")], "'obs' has 7 values; expected 24"),
+        ([*pred, str(tmp_path / "task.json")], "not in this model's task set"),
+        ([*pred, str(tmp_path / "none.json")], "no such input file"),
+        (["convert", str(ckpt), str(tmp_path / "x.bin")], "must end in .safetensors or .pt"),
+        (["info"], "the following arguments are required"),
+    ]
+
+
+def test_bad_input_gives_one_line_and_exit_2(fp16_ckpt, tmp_path, capsys):
+    for argv, message in _bad_inputs(tmp_path, fp16_ckpt):
+        code, _, err = _run(argv, capsys)
+        assert code == 2, argv
+        assert message in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
+
+
+def test_console_script_runs_as_a_process(fp16_ckpt, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tdmpc_opt", "info", str(tmp_path / "x.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.pt'}: no such file"]
+    help_ = subprocess.run([sys.executable, "-m", "tdmpc_opt", "--help"], capture_output=True,
+                           text=True, timeout=120)
+    assert help_.returncode == 0 and "eval" in help_.stdout and "predict" in help_.stdout
