@@ -16,8 +16,16 @@ $(BIN)/tdmpc-opt: pyproject.toml
 
 install: $(BIN)/tdmpc-opt
 
+# Until the end-to-end pipeline lands, the main job evaluates a checkpoint (CKPT=...) on
+# two MT30 tasks with full MPPI planning and writes runs/demo/{result.json,returns.png}.
 demo: install
-	$(BIN)/python -m tdmpc_opt.demo --checkpoint $(CKPT)
+	@if [ ! -f "$(CKPT)" ]; then \
+	  echo "error: no checkpoint at $(CKPT); pass one: make demo CKPT=path/to/model.pt" >&2; \
+	  exit 2; fi
+	$(BIN)/tdmpc-opt eval --checkpoint $(CKPT) --tasks cartpole-balance,walker-stand \
+	  --episodes 1 --seed 1 --json runs/demo/result.json
+	$(BIN)/tdmpc-opt plot runs/demo/result.json --out runs/demo/returns.png
+	@echo "report: runs/demo/result.json and runs/demo/returns.png"
 
 test: install
 	$(BIN)/python -m pytest -q
