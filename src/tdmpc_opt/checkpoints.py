@@ -110,12 +110,27 @@ def _unpickling_reason(e: Exception) -> str:
     return (found or lines or [type(e).__name__])[0][:200]
 
 
+def _check_zip_crc(path: Path) -> None:
+    """PyTorch's zip files carry a CRC-32 per record that ``torch.load`` does not check; check
+    it, so a flipped bit in a weight is an error rather than a silently different model."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): "
+                              f"{str(e)[:200]}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupted checkpoint (checksum mismatch in {bad})")
+
+
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
         raise CheckpointError(f"{path}: not a checkpoint (neither a PyTorch nor a safetensors "
                               "file)")
+    if magic == b"PK\x03\x04":
+        _check_zip_crc(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -176,7 +191,15 @@ def migrate_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def dequantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Turn every tensor into float32: torch-quantized ones are dequantized (scale, zero point)."""
+    """Turn every tensor into float32: torch-quantized ones are dequantized (scale, zero point).
+
+    Raises:
+        CheckpointError: a tensor is neither floating point nor quantized (e.g. int64).
+    """
+    for k, v in state.items():
+        if not (v.is_floating_point() or v.is_quantized):
+            raise CheckpointError(f"checkpoint tensor {k} has dtype {str(v.dtype)[6:]}; "
+                                  "expected floating point or quantized weights")
     return {k: (v.dequantize() if v.is_quantized else v).float() for k, v in state.items()}
 
 
