@@ -11,7 +11,7 @@ CKPT ?= ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt
 $(BIN)/tdmpc-opt: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,export,video]"
+	$(BIN)/python -m pip install -q -e ".[dev,export,video,ray]"
 	touch $@
 
 install: $(BIN)/tdmpc-opt

@@ -11,6 +11,12 @@ Examples:
   tdmpc-opt eval --checkpoint student.safetensors --tasks mt30 --episodes 10
   tdmpc-opt eval --checkpoint ckpt.pt --tasks cartpole-balance --planner policy
   tdmpc-opt eval --checkpoint ckpt.pt --tasks walker-walk num_samples=256 iterations=4
+  tdmpc-opt eval --checkpoint ckpt.pt --tasks mt30 --workers 2        # 2 local processes
+  tdmpc-opt eval --checkpoint ckpt.pt --tasks mt30 --backend ray --ray-address auto
+
+--workers N runs chunks of episodes in N processes (one torch thread each unless --threads);
+--backend ray runs them as Ray tasks on a cluster (--ray-address auto or HOST:PORT) or on a
+local Ray instance (needs the ray extra: pip install 'tdmpc-opt[ray]'). See docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ def add_arguments(p):
     p.add_argument("--video", default=None, help="write one MP4 per task into this folder")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local (this process, or --workers processes) or ray")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="local worker processes (default 1), or Ray CPUs to use (default all)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join: auto or HOST:PORT (default: start one here)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="planner settings, e.g. num_samples=256 horizon=3")
@@ -105,7 +117,9 @@ def run(args) -> int:
     from tdmpc_opt.evaluation import episode_specs, result_to_dict, summarize
     from tdmpc_opt.tasks import resolve_tasks
 
-    if args.threads:
+    in_process = args.backend == "local" and (args.workers or 1) == 1
+    _check_backend(args, in_process)
+    if args.threads and in_process:
         torch.set_num_threads(args.threads)
     planner = apply_overrides(PlannerConfig(mpc=args.planner == "mppi"), args.overrides)
     agent = load_agent(args.checkpoint, device=args.device, planner=planner)
@@ -136,23 +150,41 @@ def run(args) -> int:
                 f.write(json.dumps(result_to_dict(res)) + "\n")
 
     start = time.perf_counter()
-    steps = _run_with_progress(agent, todo, args, on_result)
+    steps = _run_with_progress(agent if in_process else planner, todo, args, on_result)
     elapsed = time.perf_counter() - start
     results = list(done.values()) + steps
     summary = summarize(results, tasks)
     _print_table(summary)
     if args.json:
         out = dict(summary, **identity, checkpoint=str(args.checkpoint), episodes=args.episodes,
-                   batch_size=args.batch_size, elapsed_s=round(elapsed, 2),
+                   batch_size=args.batch_size, backend=args.backend, workers=args.workers,
+                   elapsed_s=round(elapsed, 2),
                    episode_seeds={t: v["seeds"] for t, v in summary["tasks"].items()})
         write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 
 
+def _check_backend(args, in_process: bool) -> None:
+    """Refuse option combinations the chosen backend cannot honour (before loading anything)."""
+    from tdmpc_opt.errors import ConfigError
+
+    if args.ray_address and args.backend != "ray":
+        raise ConfigError("--ray-address needs --backend ray")
+    if args.video and not in_process:
+        raise ConfigError("--video needs the in-process backend (--backend local --workers 1)")
+    if args.backend == "ray":
+        from tdmpc_opt.backends import import_ray
+
+        import_ray()
+
+
 def _run_with_progress(agent, todo, args, on_result):
+    """Run ``todo`` with a progress bar: in this process when ``agent`` is an Agent, else on
+    ``args.backend`` with ``agent`` the PlannerConfig that the workers plan with."""
     from tqdm import tqdm
 
+    from tdmpc_opt.config import PlannerConfig
     from tdmpc_opt.evaluation import run_episodes, write_video
     from tdmpc_opt.tasks import get_task
 
@@ -170,6 +202,15 @@ def _run_with_progress(agent, todo, args, on_result):
         write_video(Path(args.video) / f"{spec.task}.mp4", frames)
 
     try:
+        if isinstance(agent, PlannerConfig):
+            from tdmpc_opt.backends import run_rollouts
+
+            return run_rollouts(args.checkpoint, agent, todo,
+                                backend=args.backend, workers=args.workers,
+                                batch_size=args.batch_size, max_steps=args.max_steps,
+                                ray_address=args.ray_address, on_result=on_result,
+                                on_step=bar.update, device=args.device,
+                                threads=args.threads or 1)
         return run_episodes(agent, todo, args.batch_size, args.max_steps, True, on_result,
                             bar.update, record, on_video)
     finally:

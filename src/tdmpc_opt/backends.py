@@ -1,0 +1,362 @@
+"""Rollout backends: run many evaluation episodes in-process, in worker processes, or on Ray.
+
+>>> from tdmpc_opt.backends import run_rollouts
+>>> specs = episode_specs(("walker-walk", "cartpole-balance"), 10, seed=1)
+>>> results = run_rollouts("model.pt", PlannerConfig(), specs, backend="ray", workers=8)
+
+Every episode has its own seed and returns do not depend on the batch an episode runs in
+(:mod:`tdmpc_opt.evaluation`), so any backend, worker count or chunking gives the same
+per-episode results, returned in the order of ``specs``.
+
+Backends:
+
+``local``, ``workers=1``
+    In this process, ``batch_size`` episodes planned together.
+``local``, ``workers=N``
+    N worker processes (multiprocessing *spawn*); each loads the checkpoint from its path and
+    runs chunks of the specs. A worker that dies is replaced and its chunk rerun (up to
+    ``max_retries`` times).
+``ray``
+    Each chunk is a Ray task (``max_retries``) on a cluster (``ray_address="auto"`` or
+    ``HOST:PORT``) or on a local Ray instance with ``num_cpus=workers``. The checkpoint's
+    *bytes* go into the object store once, so worker nodes need no shared filesystem; each
+    worker process writes them to a temporary file keyed by sha256 and keeps one loaded agent
+    for the chunks it runs. Worker nodes need the same Python environment (tdmpc-opt and
+    torch installed). Ray is optional: ``pip install 'tdmpc-opt[ray]'``.
+
+Chunks are consecutive runs of ``specs`` (task-major, then episode) of about equal agent
+steps, at most ``batch_size`` episodes, enough that every worker gets one; the longest go
+first. Results reach ``on_result`` as each chunk finishes; an episode seen twice (a retried
+chunk whose first attempt also reported) is counted once.
+
+Fault injection (tests): ``TDMPC_OPT_FAULT_INJECT=CHUNK:MARKER`` makes the first attempt of
+chunk CHUNK create the file MARKER, run half its episodes and kill its worker process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from tdmpc_opt.config import PlannerConfig
+from tdmpc_opt.errors import ConfigError, TdmpcError
+from tdmpc_opt.evaluation import EpisodeResult, EpisodeSpec
+
+BACKENDS = ("local", "ray")
+FAULT_ENV = "TDMPC_OPT_FAULT_INJECT"
+RAY_MISSING = ("the ray backend needs Ray: install the ray extra: "
+               "pip install 'tdmpc-opt[ray]'")
+_AGENT_CACHE: dict[tuple, object] = {}
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a worker needs to run chunks: everything but the specs."""
+
+    planner: PlannerConfig
+    batch_size: int
+    max_steps: int | None
+    device: str
+    threads: int
+    fault: str | None
+
+
+def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[EpisodeSpec], *,
+                 backend: str = "local", workers: int | None = None, batch_size: int = 16,
+                 max_steps: int | None = None, ray_address: str | None = None,
+                 on_result: Callable[[EpisodeResult], None] | None = None,
+                 on_step: Callable[[int], None] | None = None, device: str = "cpu",
+                 threads: int = 1, max_retries: int = 3) -> list[EpisodeResult]:
+    """Run ``specs`` with the agent of ``checkpoint`` on a backend; results in spec order.
+
+    Args:
+        backend: ``local`` or ``ray`` (see the module docstring).
+        workers: local worker processes (default 1: in this process), or Ray CPUs to use
+            (default: every CPU of the cluster, or of this machine for a local instance).
+        batch_size: episodes planned together in one batched call (and most per chunk).
+        ray_address: ``auto`` or ``HOST:PORT`` of a running cluster; None starts one here.
+        on_result: called once per episode, as soon as the driver has its result.
+        on_step: called with numbers of agent steps done (per step in-process, per
+            episode otherwise), for progress bars.
+        threads: torch threads per worker (in-process: left as it is).
+        max_retries: reruns of a chunk whose worker died.
+    Raises:
+        ConfigError: unknown backend, bad worker count, Ray missing or unreachable.
+        TdmpcError: a chunk failed ``max_retries + 1`` times.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers must be positive, got {workers}")
+    if ray_address and backend != "ray":
+        raise ConfigError("a Ray address needs the ray backend")
+    job = _Job(planner, batch_size, max_steps, device, threads, os.environ.get(FAULT_ENV))
+    collector = _Collector(on_result, on_step)
+    if not specs:
+        return []
+    if backend == "ray":
+        _run_ray(str(checkpoint), job, specs, workers, ray_address, max_retries, collector)
+    elif (workers or 1) == 1:
+        agent = cached_agent(str(checkpoint), planner, device)
+        from tdmpc_opt.evaluation import run_episodes
+
+        run_episodes(agent, specs, batch_size, max_steps, True, collector.add, on_step)
+    else:
+        _run_processes(str(checkpoint), job, specs, workers, max_retries, collector)
+    return collector.ordered(specs)
+
+
+class _Collector:
+    """Keeps the first result of every (task, episode) and forwards it to the callbacks."""
+
+    def __init__(self, on_result, on_step):
+        self.results: dict[tuple[str, int], EpisodeResult] = {}
+        self.on_result, self.on_step = on_result, on_step
+
+    def add(self, res: EpisodeResult) -> None:
+        """Record one result unless it was seen already."""
+        key = (res.task, res.episode)
+        if key in self.results:
+            return
+        self.results[key] = res
+        if self.on_result:
+            self.on_result(res)
+
+    def add_chunk(self, results: Iterable[EpisodeResult]) -> None:
+        """Record a finished chunk; advances progress by its agent steps."""
+        for res in results:
+            if (res.task, res.episode) not in self.results and self.on_step:
+                self.on_step(res.length)
+            self.add(res)
+
+    def ordered(self, specs: list[EpisodeSpec]) -> list[EpisodeResult]:
+        """Results in the order of ``specs``; raises if one is missing."""
+        missing = [s for s in specs if (s.task, s.episode) not in self.results]
+        if missing:
+            raise TdmpcError(f"{len(missing)} episodes have no result (first: {missing[0]})")
+        return [self.results[(s.task, s.episode)] for s in specs]
+
+
+def episode_cost(spec: EpisodeSpec, max_steps: int | None = None) -> int:
+    """Agent steps an episode takes at most: its task's length, cut at ``max_steps``."""
+    from tdmpc_opt.tasks import get_task
+
+    return min(get_task(spec.task).episode_length, max_steps or 10**9)
+
+
+def make_chunks(specs: list[EpisodeSpec], batch_size: int, workers: int,
+                max_steps: int | None = None) -> list[list[EpisodeSpec]]:
+    """Split ``specs`` into consecutive chunks of about equal agent steps.
+
+    Chunks hold at most ``batch_size`` episodes; their number is about ``workers`` times the
+    fewest rounds of ``batch_size``-episode chunks that cover the specs, so every worker is
+    busy and no last round runs half empty. Deterministic: the same arguments, the same chunks.
+    """
+    costs = [episode_cost(s, max_steps) for s in specs]
+    workers = max(workers, 1)
+    rounds = math.ceil(len(specs) / (workers * batch_size))
+    target = sum(costs) / (workers * max(rounds, 1))
+    chunks: list[list[EpisodeSpec]] = []
+    cur: list[EpisodeSpec] = []
+    acc = 0
+    for spec, cost in zip(specs, costs, strict=True):
+        cur.append(spec)
+        acc += cost
+        if len(cur) == batch_size or acc >= target:
+            chunks.append(cur)
+            cur, acc = [], 0
+    return chunks + [cur] if cur else chunks
+
+
+def _longest_first(chunks: list[list[EpisodeSpec]], max_steps: int | None) -> list[int]:
+    """Chunk indices, most agent steps first (the order chunks are handed to workers)."""
+    cost = [sum(episode_cost(s, max_steps) for s in c) for c in chunks]
+    return sorted(range(len(chunks)), key=lambda i: (-cost[i], i))
+
+
+# ------------------------------------------------------------------------- worker side
+def cached_agent(path: str, planner: PlannerConfig, device: str = "cpu"):
+    """``load_agent(path, device, planner=planner)``, reusing the last one loaded here.
+
+    One agent is kept per process, keyed by the file's path, size and modification time.
+    """
+    from tdmpc_opt.agent import load_agent
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, planner, device)
+    if key not in _AGENT_CACHE:
+        _AGENT_CACHE.clear()
+        _AGENT_CACHE[key] = load_agent(path, device=device, planner=planner)
+    return _AGENT_CACHE[key]
+
+
+def run_chunk(path: str, job: _Job, index: int, specs: list[EpisodeSpec]) -> list[EpisodeResult]:
+    """Run one chunk in a worker process (torch threads set to ``job.threads``)."""
+    import torch
+
+    from tdmpc_opt.evaluation import run_episodes
+
+    if torch.get_num_threads() != job.threads:
+        torch.set_num_threads(job.threads)
+    agent = cached_agent(path, job.planner, job.device)
+    _maybe_fail(job.fault, index, lambda part: run_episodes(agent, part, job.batch_size,
+                                                            job.max_steps), specs)
+    return run_episodes(agent, specs, job.batch_size, job.max_steps)
+
+
+def _maybe_fail(fault: str | None, index: int, run, specs: list[EpisodeSpec]) -> None:
+    """Fault injection: on the first attempt of the chosen chunk, run half of it and die."""
+    if not fault:
+        return
+    chunk, _, marker = fault.partition(":")
+    if int(chunk) != index or not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # a retry: run normally
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    run(specs[: max(1, len(specs) // 2)])
+    os._exit(1)
+
+
+def _run_processes(path: str, job: _Job, specs: list[EpisodeSpec], workers: int,
+                   max_retries: int, collector: _Collector) -> None:
+    """Chunks on a pool of spawned processes; a broken pool is rebuilt for unfinished chunks."""
+    import multiprocessing
+
+    made = make_chunks(specs, job.batch_size, workers, job.max_steps)
+    chunks = {i: made[i] for i in _longest_first(made, job.max_steps)}
+    for attempt in range(max_retries + 1):
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
+            futures = {pool.submit(run_chunk, path, job, i, c): i for i, c in chunks.items()}
+            try:
+                while futures:
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        collector.add_chunk(fut.result())
+                        del chunks[futures.pop(fut)]
+            except BrokenProcessPool as e:
+                if attempt == max_retries:
+                    raise TdmpcError(f"a worker process died {max_retries + 1} times; "
+                                     f"{len(chunks)} chunks unfinished") from e
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        if not chunks:
+            return
+
+
+# ------------------------------------------------------------------------------- Ray
+def import_ray():
+    """The ``ray`` module, or a ConfigError saying how to install it.
+
+    Sets ``RAY_AUTH_MODE=token`` (unless set) when a Ray token is at hand, before Ray is
+    imported: Ray 2.60 sends its token to a cluster given as HOST:PORT only in that mode.
+    """
+    if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").exists()):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(RAY_MISSING) from None
+    return ray
+
+
+def _ray_chunk(blob: list, name: str, sha256: str, job: _Job, index: int,
+               specs: list[EpisodeSpec]) -> list[EpisodeResult]:
+    """Ray task: materialise the checkpoint on this node (once), then run the chunk."""
+    path = Path(tempfile.gettempdir()) / "tdmpc-opt-checkpoints" / sha256[:16] / name
+    if not path.exists():
+        import ray
+
+        from tdmpc_opt.checkpoints import atomic_write
+
+        data = ray.get(blob[0])
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return run_chunk(str(path), job, index, specs)
+
+
+def _connect(ray, address: str | None, workers: int | None) -> bool:
+    """Connect to ``address`` or start a local instance; True if this call started Ray."""
+    import logging
+
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            _check_reachable(address)
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", num_cpus=workers or os.cpu_count(),
+                     include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot start or reach Ray at {address or 'a local instance'}: "
+                          f"{first} (a token-authenticated cluster needs its token here: "
+                          "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a HOST:PORT nothing listens at (Ray itself retries for minutes).
+
+    """
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {address} ({e.strerror or e}); start the "
+                              "head with `ray start --head`") from None
+
+
+def _run_ray(path: str, job: _Job, specs: list[EpisodeSpec], workers: int | None,
+             address: str | None, max_retries: int, collector: _Collector) -> None:
+    """Chunks as Ray tasks; results streamed to ``collector`` as chunks finish."""
+    ray = import_ray()
+    from tdmpc_opt.checkpoints import file_sha256
+
+    Path(path).stat()  # a missing file fails here, not in a worker
+    started = _connect(ray, address, workers)
+    try:
+        cpus = workers or int(ray.cluster_resources().get("CPU", 1))
+        chunks = make_chunks(specs, job.batch_size, max(1, cpus // job.threads), job.max_steps)
+        blob = [ray.put(Path(path).read_bytes())]
+        task = ray.remote(_ray_chunk).options(
+            num_cpus=job.threads, max_retries=max_retries, retry_exceptions=False,
+            num_gpus=1 if job.device.startswith("cuda") else 0)
+        name, sha = Path(path).name, file_sha256(path)
+        pending = {task.remote(blob, name, sha, job, i, chunks[i]): i
+                   for i in _longest_first(chunks, job.max_steps)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            collector.add_chunk(_ray_result(ray, done[0], pending.pop(done[0]), max_retries))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_result(ray, ref, index: int, max_retries: int) -> list[EpisodeResult]:
+    """A finished chunk's results; a worker's TdmpcError is re-raised as itself."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, TdmpcError):
+            raise e.cause from None
+        raise
+    except ray.exceptions.RayError as e:
+        raise TdmpcError(f"chunk {index} failed {max_retries + 1} times: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None

@@ -1,0 +1,156 @@
+"""Rollout backends: worker processes and Ray give the in-process returns, once per episode."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tdmpc_opt.backends import FAULT_ENV, episode_cost, make_chunks, run_rollouts
+from tdmpc_opt.checkpoints import save_checkpoint
+from tdmpc_opt.cli import main
+from tdmpc_opt.errors import ConfigError
+from tdmpc_opt.evaluation import episode_specs
+from tdmpc_opt.tasks import TASK_SETS
+from tdmpc_opt.world_model import WorldModel
+
+TASKS = ("walker-walk", "cartpole-balance", "pendulum-swingup")
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny three-task model saved as a safetensors checkpoint."""
+    import torch
+
+    from tdmpc_opt.config import model_config_for
+
+    torch.manual_seed(0)
+    cfg = model_config_for(TASKS, None, enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8,
+                           num_q=2, simnorm_dim=8)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, WorldModel(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return episode_specs(TASKS, 3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, specs):
+    """Per-episode returns in this process, one batch of 4 at a time."""
+    from tdmpc_opt.config import PlannerConfig
+
+    planner = PlannerConfig(iterations=2, num_samples=32, num_elites=8, num_pi_trajs=4)
+    results = run_rollouts(ckpt, planner, specs, batch_size=4, max_steps=STEPS)
+    return planner, [(r.task, r.episode, r.episode_return, r.length) for r in results]
+
+
+def _rows(results):
+    return [(r.task, r.episode, r.episode_return, r.length) for r in results]
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray instance (2 CPUs) shared by this module's Ray tests."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def test_chunks_cover_specs_in_order_and_balance_steps(specs):
+    chunks = make_chunks(specs, batch_size=4, workers=2)  # 9 equal episodes
+    assert [s for c in chunks for s in c] == specs and [len(c) for c in chunks] == [3, 3, 3]
+    assert len(make_chunks(specs[:4], batch_size=16, workers=4)) == 4
+    assert make_chunks(specs, 4, 2) == make_chunks(list(specs), 4, 2)  # deterministic
+    mt80 = episode_specs(TASK_SETS["mt80"], 10, 1)  # 500-step and 100-step episodes
+    chunks = make_chunks(mt80, batch_size=16, workers=64)
+    steps = [sum(episode_cost(s) for s in c) for c in chunks]
+    assert max(map(len, chunks)) == 16 and max(steps) <= 3500
+
+
+def test_local_worker_processes_match_in_process(ckpt, specs, reference):
+    planner, expected = reference
+    streamed = []
+    results = run_rollouts(ckpt, planner, specs, workers=2, batch_size=2, max_steps=STEPS,
+                           on_result=streamed.append)
+    assert _rows(results) == expected
+    assert sorted(_rows(streamed)) == sorted(expected)
+
+
+def test_local_worker_death_is_retried(ckpt, specs, reference, tmp_path, monkeypatch):
+    planner, expected = reference
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"1:{marker}")
+    streamed = []
+    results = run_rollouts(ckpt, planner, specs, workers=2, batch_size=3, max_steps=STEPS,
+                           on_result=streamed.append)
+    assert marker.exists() and _rows(results) == expected
+    assert sorted(_rows(streamed)) == sorted(expected)
+
+
+def test_ray_matches_local(ray_instance, ckpt, specs, reference):
+    planner, expected = reference
+    steps = []
+    results = run_rollouts(ckpt, planner, specs, backend="ray", batch_size=4, max_steps=STEPS,
+                           on_step=steps.append)
+    assert _rows(results) == expected and sum(steps) == len(specs) * STEPS
+
+
+def test_ray_worker_killed_mid_chunk_yields_every_episode_once(ray_instance, ckpt, specs,
+                                                               reference, tmp_path,
+                                                               monkeypatch):
+    planner, expected = reference
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"0:{marker}")
+    streamed = []
+    results = run_rollouts(ckpt, planner, specs, backend="ray", workers=2, batch_size=4,
+                           max_steps=STEPS, on_result=streamed.append)
+    assert marker.exists()  # the first attempt of chunk 0 ran half its episodes and died
+    assert _rows(results) == expected
+    assert sorted(_rows(streamed)) == sorted(expected)  # each episode reported exactly once
+
+
+def test_eval_cli_ray_backend_and_resume(ray_instance, ckpt, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["eval", "--checkpoint", ckpt, "--tasks", "cartpole-balance,walker-walk",
+            "--episodes", "2", "--max-steps", "3", "--json", str(out), "--quiet",
+            "--backend", "ray", "--batch-size", "1", "iterations=1", "num_samples=16",
+            "num_elites=4", "num_pi_trajs=2"]
+    assert main(args) == 0
+    ray_result = json.loads(out.read_text())
+    assert len(out.with_name("r.json.episodes.jsonl").read_text().splitlines()) == 1 + 4
+    assert main(args) == 0 and "resuming: 4 of 4" in capsys.readouterr().out
+    local = tmp_path / "l.json"
+    i = args.index("--backend")
+    assert main(args[:i] + args[i + 2:] + ["--json", str(local)]) == 0
+    assert json.loads(local.read_text())["tasks"] == ray_result["tasks"]
+
+
+def test_missing_ray_is_one_clear_line(ckpt, specs, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'tdmpc-opt\[ray\]'"):
+        run_rollouts(ckpt, None, specs, backend="ray")
+    assert main(["eval", "--checkpoint", ckpt, "--tasks", "cartpole-balance", "--backend",
+                 "ray", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "install the ray extra" in err and len(err.splitlines()) == 1
+
+
+def test_unreachable_ray_address_fails_fast():
+    from tdmpc_opt.backends import _check_reachable
+
+    with pytest.raises(ConnectionError, match="nothing answers at 127.0.0.1:1"):
+        _check_reachable("127.0.0.1:1")
+    _check_reachable("auto")  # left to Ray
+
+
+def test_bad_backend_options_are_config_errors(ckpt, specs):
+    with pytest.raises(ConfigError, match="unknown backend"):
+        run_rollouts(ckpt, None, specs, backend="dask")
+    with pytest.raises(ConfigError, match="needs the ray backend"):
+        run_rollouts(ckpt, None, specs, ray_address="auto")
