@@ -1,0 +1,266 @@
+"""Run directories: resolved configuration, metrics, checkpoints and resuming.
+
+Layout of a run directory::
+
+    config.json                 resolved configuration (every field, defaults included)
+    train.csv / eval.csv        metrics, one row per log step (TensorBoard events when installed)
+    checkpoints/
+        step-00001000.pt        resumable training state (torch.save, loaded weights_only)
+        step-00001000.json      {"step", "sha256", "bytes"}: written after the .pt; a
+                                checkpoint without it, or whose bytes differ, is invalid
+    model.safetensors           the latest world model in tdmpc-opt's format (for agents)
+
+Checkpoints are written to a temporary file and renamed, so a crash or a full disk never
+harms the previous one. :meth:`RunDir.latest_checkpoint` returns the newest valid checkpoint and
+skips corrupt ones with a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import io
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from tdmpc_opt.checkpoints import atomic_write, file_sha256
+from tdmpc_opt.errors import TdmpcError
+
+_CKPT = re.compile(r"^step-(\d+)\.pt$")
+
+
+class RunError(TdmpcError):
+    """A run cannot continue: unwritable run directory, full disk, diverged losses."""
+
+
+class TrainingDiverged(RunError):
+    """A loss became NaN or Inf."""
+
+
+class RunDir:
+    """A training run's directory (created when missing)."""
+
+    def __init__(self, path: str | Path, keep: int = 3):
+        self.path = Path(path)
+        self.keep = keep
+        try:
+            (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"{self.path}: cannot create the run directory ({e.strerror})") \
+                from None
+        self.ckpt_dir = self.path / "checkpoints"
+        self._loggers: dict[str, MetricsLog] = {}
+
+    # ---------------------------------------------------------------- config
+    def write_config(self, config: dict) -> None:
+        """Write ``config.json`` (atomically)."""
+        text = json.dumps(config, indent=1, sort_keys=True) + "\n"
+        self._write(self.path / "config.json", lambda tmp: Path(tmp).write_text(text))
+
+    def read_config(self) -> dict | None:
+        """The stored configuration, or None."""
+        f = self.path / "config.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    # --------------------------------------------------------------- metrics
+    def log(self, kind: str, step: int, metrics: dict[str, float]) -> None:
+        """Append a row to ``<kind>.csv`` (and TensorBoard when available)."""
+        if kind not in self._loggers:
+            self._loggers[kind] = MetricsLog(self.path / f"{kind}.csv", kind, self.path)
+        self._loggers[kind].write(step, metrics)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric rows after ``step`` (a resumed run rewrites them)."""
+        for f in self.path.glob("*.csv"):
+            with open(f, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            keep = [r for r in rows if float(r.get("step") or 0) <= step]
+            if len(keep) != len(rows):
+                _write_csv(f, keep, list(rows[0].keys()) if rows else [])
+
+    # ----------------------------------------------------------- checkpoints
+    def checkpoint_path(self, step: int) -> Path:
+        return self.ckpt_dir / f"step-{step:08d}.pt"
+
+    def save_checkpoint(self, step: int, state: dict) -> Path:
+        """Write a resumable checkpoint for ``step`` and prune old ones.
+
+        Raises:
+            RunError: the write failed (full disk...); the previous checkpoint is untouched.
+        """
+        path = self.checkpoint_path(step)
+        buf = io.BytesIO()
+        torch.save(state, buf)  # serialised in memory: a full disk surfaces as OSError below
+        data = buf.getvalue()
+        self._write(path, lambda tmp: _write_bytes(tmp, data))
+        side = path.with_suffix(".json")
+        meta = {"step": step, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        text = json.dumps(meta) + "\n"
+        self._write(side, lambda tmp: Path(tmp).write_text(text))
+        self._prune()
+        return path
+
+    def _write(self, path: Path, write) -> None:
+        try:
+            atomic_write(path, write)
+        except OSError as e:
+            prev = self.latest_valid_path(quiet=True)
+            kept = f"the last good checkpoint is {prev}" if prev else "no earlier checkpoint"
+            what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise RunError(f"could not write {path.name} ({what}); {kept}; free space and "
+                           "rerun with --resume") from None
+
+    def _prune(self) -> None:
+        steps = sorted(self._steps(), reverse=True)
+        for s in steps[self.keep:]:
+            for suffix in (".pt", ".json"):
+                self.checkpoint_path(s).with_suffix(suffix).unlink(missing_ok=True)
+
+    def _steps(self) -> list[int]:
+        return [int(m.group(1)) for f in self.ckpt_dir.iterdir() if (m := _CKPT.match(f.name))]
+
+    def _valid(self, path: Path) -> str | None:
+        """None when ``path`` is a complete checkpoint, else the reason it is not."""
+        side = path.with_suffix(".json")
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError):
+            return "its checksum file is missing or unreadable (interrupted write?)"
+        if path.stat().st_size != meta.get("bytes") or file_sha256(path) != meta.get("sha256"):
+            return "checksum mismatch (corrupted)"
+        return None
+
+    def latest_valid_path(self, quiet: bool = False) -> Path | None:
+        """Newest checkpoint whose checksum matches; warns about skipped ones."""
+        for step in sorted(self._steps(), reverse=True):
+            path = self.checkpoint_path(step)
+            reason = self._valid(path)
+            if reason is None:
+                return path
+            if not quiet:
+                warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)
+        return None
+
+    def latest_checkpoint(self) -> tuple[Path, dict] | None:
+        """``(path, state)`` of the newest valid checkpoint, or None when there is none."""
+        while (path := self.latest_valid_path()) is not None:
+            try:
+                return path, torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped
+                warnings.warn(f"skipping checkpoint {path}: unreadable ({e})", stacklevel=2)
+                path.with_suffix(".json").rename(path.with_suffix(".bad"))
+        return None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def check_finite(metrics: dict[str, float], step: int, run: RunDir | None) -> None:
+    """Raise :class:`TrainingDiverged` naming the step and the last good checkpoint."""
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        last = run.latest_valid_path(quiet=True) if run is not None else None
+        where = f"; last good checkpoint: {last}" if last else "; no checkpoint was written"
+        raise TrainingDiverged(f"training diverged at step {step}: {', '.join(bad)} is "
+                               f"NaN or Inf{where}")
+
+
+def plot_curves(run_path: str | Path, out: str | Path | None = None) -> Path | None:
+    """Plot evaluation return (and training episode return) against steps into a PNG.
+
+    Reads ``eval.csv`` / ``episode.csv`` of a run directory; returns the image path, or None
+    when there is nothing to plot.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_path = Path(run_path)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    drawn = False
+    for name, label, style in (("episode", "training episodes", "-"),
+                               ("eval", "evaluation (mean)", "o-")):
+        f = run_path / f"{name}.csv"
+        if not f.is_file():
+            continue
+        with open(f, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("episode_reward")]
+        if rows:
+            ax.plot([float(r["step"]) for r in rows], [float(r["episode_reward"]) for r in rows],
+                    style, label=label, alpha=0.5 if name == "episode" else 1.0)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episode return")
+    ax.set_title(run_path.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(out) if out else run_path / "curve.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def check_same_model(run: RunDir, config: dict | None) -> None:
+    """Raise :class:`RunError` when ``config``'s model differs from the run's stored one."""
+    old = run.read_config()
+    if not old or not config or old.get("model") == config.get("model"):
+        return
+    diff = sorted(k for k in set(old["model"]) | set(config["model"])
+                  if old["model"].get(k) != config["model"].get(k))
+    raise RunError(f"{run.path} was trained with a different model ({', '.join(diff[:5])} "
+                   "differ); resume with the same settings or choose another --run-dir")
+
+
+# ------------------------------------------------------------------------ metrics
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+class MetricsLog:
+    """CSV file whose header grows when new keys appear; TensorBoard when installed."""
+
+    def __init__(self, path: Path, kind: str, run_path: Path):
+        self.path, self.kind = path, kind
+        self.fields: list[str] = []
+        if path.is_file():
+            with open(path, newline="") as fh:
+                self.fields = list(csv.DictReader(fh).fieldnames or [])
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_path / "tb"))
+        except ImportError:
+            pass
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **metrics}
+        new = [k for k in row if k not in self.fields]
+        if new:
+            rows = []
+            if self.path.is_file():
+                with open(self.path, newline="") as fh:
+                    rows = list(csv.DictReader(fh))
+            self.fields += new
+            _write_csv(self.path, rows, self.fields)
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore").writerow(row)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{self.kind}/{k}", v, step)
