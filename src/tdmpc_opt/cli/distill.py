@@ -1,0 +1,141 @@
+"""Distill a frozen teacher into a smaller student (TD-MPC-Opt).
+
+The student trains offline with the full TD-MPC2 objective plus distillation terms (see
+tdmpc_opt.distillation): --coef is the paper's first-step reward MSE (0.45 by default; 0
+trains the same student without a teacher), the other --*-coef options add our terms.
+With --cache-teacher the teacher's targets for every dataset row are computed once into a
+memory-mapped cache (reused when it matches teacher and dataset) and training never runs the
+teacher. Without a dataset, --collect N first rolls the teacher out for N episodes per task.
+
+Examples:
+  tdmpc-opt distill --teacher ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt \\
+      --data data/mt30 --student-size 1 --coef 0.45 steps=100000
+  tdmpc-opt distill --teacher teacher.pt --collect 20 --tasks cartpole-balance,walker-stand \\
+      --cache-teacher enc_dim=64 mlp_dim=64 latent_dim=32 steps=5000
+  tdmpc-opt distill --teacher teacher.pt --data data/d --coef 0.45 --value-coef 0.1 \\
+      --policy-coef 0.1 --run-dir runs/d1 --resume
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "distill"
+HELP = "train a small student from a frozen teacher (reward distillation and more)"
+
+
+def add_arguments(p):
+    from tdmpc_opt.cli._common import nonnegative_float, positive_int
+
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (.pt or .safetensors)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="dataset directory in tdmpc-opt format")
+    src.add_argument("--collect", type=positive_int, metavar="N",
+                     help="first collect N teacher episodes per task (policy prior + noise)")
+    p.add_argument("--tasks", default=None, help="tasks to collect (with --collect)")
+    p.add_argument("--student-size", type=int, default=None,
+                   help="published size 1, 5, 19, 48, 317 (or give dims as key=value)")
+    p.add_argument("--coef", type=nonnegative_float, default=0.45,
+                   help="the paper's reward-distillation coefficient (0: no distillation)")
+    p.add_argument("--reward-horizon-coef", type=nonnegative_float, default=0.0)
+    p.add_argument("--value-coef", type=nonnegative_float, default=0.0)
+    p.add_argument("--policy-coef", type=nonnegative_float, default=0.0)
+    p.add_argument("--latent-coef", type=nonnegative_float, default=0.0)
+    p.add_argument("--cache-teacher", nargs="?", const="", default=None, metavar="DIR",
+                   help="use (building if needed) a teacher-target cache (default: "
+                        "RUN_DIR/teacher-cache)")
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/distill-s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="training/student/planner settings, e.g. steps=20000 latent_dim=64")
+
+
+def _distill_config(args):
+    from tdmpc_opt.distillation import DistillConfig
+
+    return DistillConfig(reward_coef=args.coef, reward_horizon_coef=args.reward_horizon_coef,
+                         value_coef=args.value_coef, policy_coef=args.policy_coef,
+                         latent_coef=args.latent_coef).validate()
+
+
+def _collect(args, teacher_path: Path, run_dir) -> Path:
+    """Roll the teacher out (policy prior with exploration) into RUN_DIR/data, once."""
+    from tdmpc_opt.agent import load_agent
+    from tdmpc_opt.cli.collect import collect_episodes
+    from tdmpc_opt.data import DatasetWriter
+    from tdmpc_opt.errors import ConfigError
+    from tdmpc_opt.tasks import resolve_tasks
+
+    out = run_dir.path / "data"
+    if (out / "meta.json").is_file():
+        return out
+    if not args.tasks:
+        raise ConfigError("--collect needs --tasks (which of the teacher's tasks to roll out)")
+    agent = load_agent(teacher_path).with_planner(mpc=False)
+    tasks = resolve_tasks(args.tasks)
+    from tdmpc_opt.cli.eval import check_tasks
+
+    check_tasks(agent, tasks)
+    names = agent.cfg.tasks if agent.cfg.multitask else tasks[:1]
+    with DatasetWriter(out, tuple(names), agent.cfg.obs_dim, agent.cfg.action_dim,
+                       overwrite=True, source=f"collected from {teacher_path.name}") as w:
+        collect_episodes(agent, tasks, args.collect, w, seed=0, explore=True)
+        w.close()
+    return out
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from tdmpc_opt.agent import resolve_device
+    from tdmpc_opt.checkpoints import load_world_model
+    from tdmpc_opt.cli.train import _check_fresh, _model_config, split_overrides
+    from tdmpc_opt.config import PlannerConfig, apply_overrides
+    from tdmpc_opt.data import Dataset
+    from tdmpc_opt.distill_trainer import distill_offline
+    from tdmpc_opt.distillation import check_compatible
+    from tdmpc_opt.runs import RunDir
+    from tdmpc_opt.trainer import build_learner, run_config, set_threads
+    from tdmpc_opt.training import TrainConfig
+
+    dcfg = _distill_config(args)
+    t_items, m_items, p_items = split_overrides(args.overrides)
+    cfg = apply_overrides(TrainConfig(), t_items)
+    planner = apply_overrides(PlannerConfig(horizon=cfg.horizon), p_items)
+    set_threads(cfg.threads)
+    device = resolve_device(args.device)
+    teacher, info = load_world_model(args.teacher, device)
+    teacher.requires_grad_(False)
+    run_dir = RunDir(args.run_dir or f"runs/distill-s{cfg.seed}", keep=cfg.keep_checkpoints)
+    _check_fresh(run_dir, args.resume)
+    data = Path(args.data) if args.data else _collect(args, Path(args.teacher), run_dir)
+    dataset = Dataset(data)
+    student_cfg = _model_config(teacher.cfg.tasks, args.student_size, m_items)
+    learner = build_learner(student_cfg, cfg, device)
+    check_compatible(teacher, learner.model)
+    task_map = None
+    if student_cfg.multitask:
+        from tdmpc_opt.errors import DataError
+
+        outside = [t for t in dataset.tasks if t not in student_cfg.tasks]
+        if outside:
+            raise DataError(f"the dataset has tasks outside the teacher's task set: {outside[:5]}")
+        task_map = np.array([student_cfg.tasks.index(t) for t in dataset.tasks])
+    cache_dir = None
+    if args.cache_teacher is not None:
+        cache_dir = Path(args.cache_teacher) if args.cache_teacher else \
+            run_dir.path / "teacher-cache"
+    config = run_config(learner, planner=planner.__dict__, distill=dcfg.__dict__,
+                        teacher=str(args.teacher), teacher_sha256=info["sha256"],
+                        student_size=args.student_size, data=str(data),
+                        cache=str(cache_dir) if cache_dir else None)
+    print(f"run directory: {run_dir.path}  (student {learner.model.learnable_parameters():,} "
+          f"parameters, teacher {sum(p.numel() for p in teacher.parameters()):,} with targets)")
+    last = distill_offline(learner, teacher, info["sha256"], dataset, task_map, dcfg, run_dir,
+                           planner=planner, cache_dir=cache_dir, resume=args.resume,
+                           progress=not args.quiet, config=config)
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("distill"))
+    print(f"done: {run_dir.path / 'model.safetensors'}  {shown}")
+    return 0

@@ -1,0 +1,148 @@
+"""Teacher-target caching: the teacher's predictions for every transition of a dataset, once.
+
+A cache is a directory beside (or anywhere away from) the dataset::
+
+    meta.json        {"format": "tdmpc-opt-teacher-cache", "teacher_sha256", "dataset", ...}
+    reward.npy       float32 [N, 1]   teacher reward of (o_r, a_{r+1}) at obs row r
+    q.npy            float32 [N, 1]   mean decoded teacher Q of the same transition
+    pi_mean.npy      float32 [N, A]   teacher policy mean (pre-tanh, masked) at o_r
+    pi_log_std.npy   float32 [N, A]   teacher policy log-std (masked) at o_r
+    latent.npy       float32 [N, L]   teacher latent of o_r (only when asked for)
+
+Row ``r`` is the transition that starts at observation row ``r`` (its action is stored at row
+``r + 1`` of the dataset); the last observation of every episode has no transition and holds
+filler. The cache records the teacher checkpoint's sha256 and a content fingerprint of the
+dataset, and refuses to serve another teacher or dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tdmpc_opt.distillation import TeacherTargets, teacher_targets
+from tdmpc_opt.errors import DataError
+from tdmpc_opt.world_model import WorldModel
+
+FORMAT = "tdmpc-opt-teacher-cache"
+VERSION = 1
+_SAMPLED_ROWS = 4096
+
+
+def dataset_fingerprint(ds) -> str:
+    """sha256 over the dataset's header, episode table and an evenly spaced sample of rows.
+
+    Cheap on any dataset size, and different for datasets with different content in practice
+    (any change of episodes, sizes or the sampled rows changes it).
+    """
+    h = hashlib.sha256()
+    meta = {k: v for k, v in ds.meta.items() if k not in ("created", "source")}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(ds.episodes).tobytes())
+    n = ds.obs.shape[0]
+    rows = np.unique(np.linspace(0, n - 1, min(n, _SAMPLED_ROWS)).astype(np.int64))
+    for arr in (ds.obs, ds.action, ds.reward):
+        h.update(np.ascontiguousarray(arr[rows]).tobytes())
+    return h.hexdigest()
+
+
+def row_tasks(ds, lo: int, hi: int, task_map: np.ndarray | None) -> np.ndarray | None:
+    """Model task index of rows ``lo..hi-1`` (None for single-task models)."""
+    if task_map is None:
+        return None
+    eps = np.asarray(ds.episodes)
+    idx = np.searchsorted(eps[:, 0], np.arange(lo, hi), side="right") - 1
+    return task_map[eps[idx, 2]]
+
+
+def build_cache(teacher: WorldModel, teacher_sha256: str, ds, out: str | Path,
+                task_map: np.ndarray | None, latent: bool = False, chunk: int = 4096,
+                progress=None) -> TeacherCache:
+    """Compute and write the teacher targets of every row of dataset ``ds``.
+
+    Written into a temporary directory renamed at the end: an interrupted build leaves no
+    cache that looks complete.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n, a_dim = ds.obs.shape[0], teacher.cfg.action_dim
+    dims = {"reward": 1, "q": 1, "pi_mean": a_dim, "pi_log_std": a_dim}
+    if latent:
+        dims["latent"] = teacher.cfg.latent_dim
+    arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", "w+", np.float32, (n, d))
+              for k, d in dims.items()}
+    device = next(teacher.parameters()).device
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        obs = torch.from_numpy(np.array(ds.obs[lo:hi])).to(device)
+        act = np.zeros((hi - lo, ds.action.shape[1]), np.float32)
+        nxt = np.asarray(ds.action[lo + 1:hi + 1])
+        act[: len(nxt)] = np.nan_to_num(nxt)  # an episode's last row: filler
+        tasks = row_tasks(ds, lo, hi, task_map)
+        task = None if tasks is None else torch.from_numpy(tasks).to(device)
+        tt = teacher_targets(teacher, obs, torch.from_numpy(act).to(device), task, latent)
+        for k in dims:
+            arrays[k][lo:hi] = getattr(tt, k).cpu().numpy()
+        if progress:
+            progress(hi - lo)
+    for arr in arrays.values():
+        arr.flush()
+    meta = {"format": FORMAT, "version": VERSION, "teacher_sha256": teacher_sha256,
+            "dataset": dataset_fingerprint(ds), "num_rows": n, "fields": dims,
+            "teacher_latent_dim": teacher.cfg.latent_dim}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return TeacherCache(out)
+
+
+class TeacherCache:
+    """A built cache, memory-mapped; :meth:`targets` serves sampled subsequences."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.meta = json.loads((self.path / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.path}: not a teacher cache ({e})") from None
+        if self.meta.get("format") != FORMAT:
+            raise DataError(f"{self.path}: not a teacher cache")
+        self.arrays = {}
+        for name, dim in self.meta["fields"].items():
+            arr = np.load(self.path / f"{name}.npy", mmap_mode="r")
+            if arr.shape != (self.meta["num_rows"], dim):
+                raise DataError(f"{self.path}/{name}.npy: shape {arr.shape} is not "
+                                f"{(self.meta['num_rows'], dim)}")
+            self.arrays[name] = arr
+
+    def check(self, teacher_sha256: str, ds) -> None:
+        """Refuse a cache made for another teacher or another dataset."""
+        if self.meta["teacher_sha256"] != teacher_sha256:
+            raise DataError(f"{self.path}: cache was made with another teacher checkpoint "
+                            f"({self.meta['teacher_sha256'][:12]}, not {teacher_sha256[:12]})")
+        if self.meta["dataset"] != dataset_fingerprint(ds):
+            raise DataError(f"{self.path}: cache was made for another dataset (content hash "
+                            "differs); rebuild it with --cache-teacher")
+
+    @property
+    def has_latent(self) -> bool:
+        return "latent" in self.arrays
+
+    def targets(self, rows: np.ndarray, device="cpu") -> TeacherTargets:
+        """Targets ``[H, B, ...]`` for sampled row indices ``rows [B, H+1]``."""
+        idx = rows[:, :-1].T.reshape(-1)  # time-major
+        h, b = rows.shape[1] - 1, rows.shape[0]
+
+        def get(name):
+            arr = np.asarray(self.arrays[name][idx]).reshape(h, b, -1)
+            return torch.from_numpy(arr).to(device)
+
+        return TeacherTargets(get("reward"), get("q"), get("pi_mean"), get("pi_log_std"),
+                              get("latent") if self.has_latent else None)

@@ -1,0 +1,195 @@
+"""Distillation: the paper's loss and our extra terms, live teacher vs cache, bad input."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tdmpc_opt.config import model_config_for
+from tdmpc_opt.data import DatasetWriter
+from tdmpc_opt.distillation import (
+    DistillConfig,
+    Distiller,
+    check_compatible,
+    teacher_targets,
+)
+from tdmpc_opt.errors import ConfigError, DataError
+from tdmpc_opt.teacher_cache import TeacherCache, build_cache
+from tdmpc_opt.training import Batch, TDMPC2Learner, TrainConfig
+from tdmpc_opt.world_model import WorldModel
+
+ALL_TERMS = DistillConfig(reward_coef=0.45, reward_horizon_coef=1.0, value_coef=1.0,
+                          policy_coef=1.0, latent_coef=1.0)
+
+
+def _batch(cfg, b=8, h=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    task = torch.randint(0, cfg.num_tasks, (b,), generator=g)
+    mask = torch.zeros(cfg.num_tasks, cfg.action_dim)
+    for i, d in enumerate(cfg.action_dims):
+        mask[i, :d] = 1
+    action = (torch.rand(h, b, cfg.action_dim, generator=g) * 2 - 1) * mask[task]
+    return Batch(torch.randn(h + 1, b, cfg.obs_dim, generator=g), action,
+                 torch.rand(h, b, 1, generator=g), torch.zeros(h, b, 1), task)
+
+
+def _nontrivial(model):
+    with torch.no_grad():
+        torch.nn.init.normal_(model._reward[-1].weight, std=0.3)
+        torch.nn.init.normal_(model._Qs.params[-1].weight, std=0.3)
+    return model
+
+
+def test_loss_is_zero_when_student_is_the_teacher(tiny_cfg):
+    student = _nontrivial(WorldModel(tiny_cfg)).eval()
+    teacher = copy.deepcopy(student)
+    dist = Distiller(student, DistillConfig(reward_coef=0.45, reward_horizon_coef=0.0,
+                                            value_coef=0.0, policy_coef=1.0))
+    learner = TDMPC2Learner(student, TrainConfig())
+    batch = _batch(tiny_cfg)
+    ro = learner.rollout(batch)
+    student.eval()
+    targets = teacher_targets(teacher, batch.obs[:-1], batch.action, batch.task)
+    losses = dist.losses(batch, ro, targets)
+    assert set(losses) == {"distill_reward", "distill_policy"}
+    for name, (_, value) in losses.items():
+        assert value.item() == pytest.approx(0.0, abs=1e-6), name  # float32 rounding
+
+
+def test_gradient_reaches_only_the_student(tiny_cfg):
+    student = _nontrivial(WorldModel(tiny_cfg))
+    teacher = _nontrivial(WorldModel(tiny_cfg))
+    dist = Distiller(student, ALL_TERMS, teacher_latent_dim=teacher.cfg.latent_dim)
+    learner = TDMPC2Learner(student, TrainConfig())
+    batch = _batch(tiny_cfg)
+    ro = learner.rollout(batch)
+    targets = teacher_targets(teacher, batch.obs[:-1], batch.action, batch.task, latent=True)
+    total = sum(c * v for c, v in dist.losses(batch, ro, targets).values())
+    total.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student._encoder["state"][0].weight.grad is not None
+    assert student._pi[0].weight.grad is not None
+    assert dist.projection.weight.grad is not None
+
+
+def _dataset(tmp_path, cfg, episodes=6, steps=12, seed=0):
+    rng = np.random.default_rng(seed)
+    with DatasetWriter(tmp_path / "data", cfg.tasks, cfg.obs_dim, cfg.action_dim) as w:
+        w.add_episodes(rng.normal(size=(episodes, steps, cfg.obs_dim)).astype(np.float32),
+                       rng.uniform(-1, 1, (episodes, steps, cfg.action_dim)).astype(np.float32),
+                       rng.uniform(0, 1, (episodes, steps)).astype(np.float32),
+                       np.arange(episodes) % cfg.num_tasks)
+        return w.close()
+
+
+def test_cached_and_live_teacher_give_the_same_loss(tiny_cfg, tmp_path):
+    from tdmpc_opt.replay import SequenceSampler
+
+    teacher = _nontrivial(WorldModel(tiny_cfg)).eval()
+    student = _nontrivial(WorldModel(tiny_cfg))
+    ds = _dataset(tmp_path, tiny_cfg)
+    cache = build_cache(teacher, "sha-teacher", ds, tmp_path / "cache",
+                        np.arange(tiny_cfg.num_tasks), latent=True, chunk=7)
+    sampler = SequenceSampler(ds, 16, 3, seed=1, task_map=np.arange(tiny_cfg.num_tasks))
+    rows, tasks = sampler.sample_rows()
+    batch = sampler.batch_at(rows, tasks)
+    live = teacher_targets(teacher, batch.obs[:-1], batch.action, batch.task, latent=True)
+    cached = cache.targets(rows)
+    for a, b in zip(live, cached, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+    dist = Distiller(student, ALL_TERMS, teacher_latent_dim=tiny_cfg.latent_dim)
+    ro = TDMPC2Learner(student, TrainConfig()).rollout(batch)
+    l_live = dist.losses(batch, ro, live)
+    l_cached = dist.losses(batch, ro, cached)
+    for k in l_live:
+        assert l_live[k][1].item() == pytest.approx(l_cached[k][1].item(), rel=1e-5, abs=1e-7)
+
+
+def test_cache_refuses_another_teacher_or_dataset(tiny_cfg, tmp_path):
+    teacher = WorldModel(tiny_cfg).eval()
+    ds = _dataset(tmp_path, tiny_cfg)
+    cache = build_cache(teacher, "sha-a", ds, tmp_path / "cache", np.arange(3))
+    cache.check("sha-a", ds)
+    with pytest.raises(DataError, match="another teacher"):
+        TeacherCache(tmp_path / "cache").check("sha-b", ds)
+    (tmp_path / "other").mkdir()
+    other = _dataset(tmp_path / "other", tiny_cfg, seed=1)
+    with pytest.raises(DataError, match="another dataset"):
+        cache.check("sha-a", other)
+
+
+def test_incompatible_teacher_is_refused(tiny_cfg):
+    other = model_config_for(("walker-walk", "cartpole-balance"), None, enc_dim=16, mlp_dim=16,
+                             latent_dim=16, task_dim=8)
+    with pytest.raises(ConfigError, match="different task sets"):
+        check_compatible(WorldModel(other), WorldModel(tiny_cfg))
+    single = model_config_for(("cheetah-run",), None, enc_dim=16, mlp_dim=16, latent_dim=16)
+    single2 = model_config_for(("cartpole-balance",), None, enc_dim=16, mlp_dim=16,
+                               latent_dim=16)
+    with pytest.raises(ConfigError):
+        check_compatible(WorldModel(single), WorldModel(single2))
+    with pytest.raises(ConfigError, match=">= 0"):
+        DistillConfig(reward_coef=-0.1).validate()
+
+
+def test_tiny_distillation_run_lowers_the_distillation_loss(tiny_cfg):
+    torch.manual_seed(0)
+    teacher = _nontrivial(WorldModel(tiny_cfg)).eval()
+    student = WorldModel(tiny_cfg)
+    dist = Distiller(student, DistillConfig(reward_coef=1.0, reward_horizon_coef=1.0,
+                                            value_coef=0.5, policy_coef=0.5))
+    learner = TDMPC2Learner(student, TrainConfig(lr=3e-3))
+    batch = _batch(tiny_cfg, b=32)
+    targets = teacher_targets(teacher, batch.obs[:-1], batch.action, batch.task)
+    first = last = None
+    for _ in range(150):
+        m = learner.update(batch, dist.hook(targets))
+        dist.after_update()
+        first = first or m["distill_reward_loss"]
+        last = m["distill_reward_loss"]
+    assert last < 0.2 * first
+
+
+def _distill_run(tiny_cfg, ds, teacher, cache_dir, dcfg, steps=6):
+    from tdmpc_opt.distill_trainer import distill_offline
+    from tdmpc_opt.trainer import build_learner
+
+    cfg = TrainConfig(steps=steps, batch_size=8, eval_freq=0, seed=3)
+    learner = build_learner(tiny_cfg, cfg)
+    distill_offline(learner, teacher, "sha-t", ds, np.arange(3), dcfg, None,
+                    cache_dir=cache_dir)
+    return learner.model.state_dict()
+
+
+def test_training_with_cache_equals_training_with_live_teacher(tiny_cfg, tmp_path):
+    teacher = _nontrivial(WorldModel(tiny_cfg)).eval()
+    ds = _dataset(tmp_path, tiny_cfg)
+    dcfg = DistillConfig(reward_coef=0.45, reward_horizon_coef=0.5, value_coef=0.1,
+                         policy_coef=0.1)
+    live = _distill_run(tiny_cfg, ds, teacher, None, dcfg)
+    cached = _distill_run(tiny_cfg, ds, teacher, tmp_path / "cache", dcfg)
+    for k in live:
+        assert torch.allclose(live[k], cached[k], atol=1e-6), k
+
+
+def test_distill_cli_runs_and_refuses_foreign_data(tiny_cfg, tmp_path, capsys):
+    from tdmpc_opt.checkpoints import save_checkpoint
+    from tdmpc_opt.cli import main
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher_path, _nontrivial(WorldModel(tiny_cfg)))
+    ds = _dataset(tmp_path, tiny_cfg)
+    args = ["distill", "--teacher", str(teacher_path), "--data", str(ds.path), "--quiet",
+            "--cache-teacher", "--run-dir", str(tmp_path / "run"), "enc_dim=16", "mlp_dim=16",
+            "latent_dim=16", "task_dim=8", "steps=4", "batch_size=8", "eval_freq=0"]
+    assert main(args) == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "teacher-cache" / "meta.json").is_file()
+    other = model_config_for(("walker-walk", "cartpole-balance", "cup-catch"), None,
+                             enc_dim=16, mlp_dim=16, latent_dim=16, task_dim=8)
+    save_checkpoint(tmp_path / "other.safetensors", WorldModel(other))
+    args[2] = str(tmp_path / "other.safetensors")
+    args[args.index("--run-dir") + 1] = str(tmp_path / "run2")
+    assert main(args) == 2
+    assert "outside the teacher's task set" in capsys.readouterr().err
