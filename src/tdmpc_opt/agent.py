@@ -16,7 +16,8 @@ import torch
 
 from tdmpc_opt import math as tm
 from tdmpc_opt.config import PlannerConfig
-from tdmpc_opt.errors import InputError, TaskError
+from tdmpc_opt.errors import ConfigError, InputError, TaskError
+from tdmpc_opt.fast_model import parse_precision
 from tdmpc_opt.planner import draw_noise, plan
 from tdmpc_opt.world_model import WorldModel
 
@@ -35,7 +36,14 @@ class Agent:
     """
 
     def __init__(self, model: WorldModel, planner: PlannerConfig | None = None,
-                 device: str | torch.device = "cpu", info: dict | None = None):
+                 device: str | torch.device = "cpu", info: dict | None = None,
+                 precision: str = "fp32"):
+        try:
+            parse_precision(precision)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.precision = precision
+        """Planner precision: fp32 (default, exact), bf16 or int8, optionally +compile."""
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.planner = (planner or PlannerConfig()).validate()
@@ -53,7 +61,7 @@ class Agent:
     def with_planner(self, **changes) -> Agent:
         """A new agent sharing this model with planner settings changed."""
         return Agent(self.model, dataclasses.replace(self.planner, **changes), self.device,
-                     self.info)
+                     self.info, self.precision)
 
     # ----------------------------------------------------------------- input handling
     def task_ids(self, task, batch: int) -> torch.Tensor | None:
@@ -197,14 +205,16 @@ class Agent:
                            generators).to(self.device)
         gamma = self.discounts[tid] if tid is not None else self.discounts[:1].expand(b)
         action, mean = plan(self.model, self.planner, z, tid, prev_mean, t0.to(self.device),
-                            eval_mode, noise, gamma)
+                            eval_mode, noise, gamma, self.precision)
         return action.cpu(), mean
 
 
 def load_agent(path, device: str | torch.device = "cpu", planner: PlannerConfig | None = None,
-               tasks: tuple[str, ...] | None = None, **overrides) -> Agent:
-    """Load any supported checkpoint (TD-MPC2 ``.pt``, TD-MPC-Opt, tdmpc-opt safetensors)."""
+               tasks: tuple[str, ...] | None = None, precision: str = "fp32",
+               **overrides) -> Agent:
+    """Load any supported checkpoint (TD-MPC2 ``.pt``, TD-MPC-Opt, tdmpc-opt safetensors);
+    ``precision`` is the planner's (see :class:`Agent`)."""
     from tdmpc_opt.checkpoints import load_world_model
 
     model, info = load_world_model(path, resolve_device(device), tasks, **overrides)
-    return Agent(model, planner, device, info)
+    return Agent(model, planner, device, info, precision)

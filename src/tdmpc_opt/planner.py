@@ -6,7 +6,13 @@ whatever else is planned in the same batch, lets two implementations be compared
 noise, and lets an exported planner replay PyTorch's noise.
 
 :func:`plan_literal` is TD-MPC2's algorithm written as plainly as possible for one environment;
-:func:`plan` is the batched implementation used everywhere else. Tests hold them equal.
+:func:`plan` is the batched implementation used everywhere else. Tests hold them equal (float32,
+1e-5). :func:`plan` computes the same thing with less work: it plans through a
+:class:`~tdmpc_opt.fast_model.FastWorldModel` (task parts of first layers precomputed, only the
+picked Q members, optional bf16/int8 products); the start latent's share of the first products
+is computed once per step; the policy trajectories, whose start and actions do not change
+between iterations, are rolled out once, and only their bootstrap value is recomputed per
+iteration. :class:`GraphPlanner` replays it from CUDA graphs on a GPU.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 from tdmpc_opt import math as tm
 from tdmpc_opt.config import PlannerConfig
+from tdmpc_opt.fast_model import FastWorldModel, fast_view
 from tdmpc_opt.world_model import WorldModel
 
 
@@ -143,6 +151,101 @@ def plan_literal(model: WorldModel, cfg: PlannerConfig, obs: torch.Tensor,
 
 
 # ------------------------------------------------------------------------ batched MPPI
+@dataclass
+class _StepState:
+    """What the MPPI iterations of one planning step share (``B`` elements).
+
+    ``S = N - P`` sampled sequences per element; latents in the view's internal layout.
+    """
+
+    rows: torch.Tensor
+    """``[B]`` task-table rows."""
+    mask: torch.Tensor | None
+    """``[B, A]`` action masks (None for single-task models)."""
+    bias: torch.Tensor
+    """``[2, H, B, D]`` dynamics/reward first-layer bias (task part included); step 0
+    also holds the start latent's part."""
+    weights: torch.Tensor
+    """``[H, B, 1]`` discount^k."""
+    disc_h: torch.Tensor
+    """``[B, 1]`` discount^H, the weight of the bootstrap value."""
+    z_h: torch.Tensor
+    """``[B, N, L]`` latents at the horizon; the policy rows ``[:, :P]`` are filled once."""
+    g_pi: torch.Tensor
+    """``[B, P]`` discounted model return of the policy trajectories."""
+    actions: torch.Tensor
+    """``[B, H, N, A]`` action sequences; the policy rows ``[:, :, :P]`` are filled once."""
+
+
+def _prepare(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.Tensor | None,
+             noise: PlanNoise, discount: torch.Tensor) -> _StepState:
+    """Per-step constants, then the policy trajectories (whose returns and final latents do not
+    change across iterations: same start, same actions)."""
+    b, h, n, p = z0.shape[0], cfg.horizon, cfg.num_samples, cfg.num_pi_trajs
+    rows = fm.task_rows(task, b)
+    gamma = discount.reshape(b, 1).to(torch.float32)
+    weights, d = [], torch.ones_like(gamma)
+    for _ in range(h):
+        weights.append(d)
+        d = d * gamma
+    z0 = fm.to_internal(z0)
+    bias = torch.stack([fm.dyn1["task"][rows], fm.rew1["task"][rows]])[:, None].repeat(1, h, 1, 1)
+    bias[0, 0] += fm.dyn1["z"](z0).float()                 # every sequence starts at z0
+    bias[1, 0] += fm.rew1["z"](z0).float()
+    state = _StepState(rows, fm.mask(task), bias, torch.stack(weights), d,
+                       torch.empty(b, n, fm.cfg.latent_dim, dtype=fm.dtype, device=z0.device),
+                       torch.zeros(b, p, device=z0.device),
+                       torch.empty(b, h, n, fm.cfg.action_dim, device=z0.device))
+    if p > 0:
+        _policy_trajectories(fm, state, z0, noise.pi_traj)
+    return state
+
+
+def _policy_trajectories(fm: FastWorldModel, st: _StepState, z0: torch.Tensor,
+                         eps: torch.Tensor) -> None:
+    """Roll the policy prior out from ``z0 [B, L]`` (internal layout) with noise
+    ``eps [B, H, P, A]``; fills the policy rows of ``st.actions``, ``st.z_h``, ``st.g_pi``."""
+    b, h, p, _ = eps.shape
+    z, logits = z0[:, None].expand(b, p, -1), []
+    for k in range(h):
+        a = fm.policy(z, st.rows, eps[:, k], st.mask)              # [B, P, A]
+        st.actions[:, k, :p] = a
+        pre = fm.first_layers(a, st.bias[:, k], None if k == 0 else z.reshape(b * p, -1))
+        z, r = fm.dyn_rew(pre)
+        z = z.view(b, p, -1)
+        logits.append(r)
+    st.z_h[:, :p] = z
+    st.g_pi = (fm.decode(torch.stack(logits)).view(h, b, p) * st.weights).sum(0)
+
+
+def _rollout(fm: FastWorldModel, st: _StepState, actions: torch.Tensor):
+    """Latent rollout of known sequences ``actions [B, H, R, A]`` from the start latent.
+
+    Returns ``(z_H [B*R, L], discounted model return [B, R])``.
+    """
+    b, h, r, _ = actions.shape
+    z, logits = None, []
+    for k in range(h):
+        z, rew = fm.dyn_rew(fm.first_layers(actions[:, k], st.bias[:, k], z))
+        logits.append(rew)
+    return z, (fm.decode(torch.stack(logits)).view(h, b, r) * st.weights).sum(0)
+
+
+def _value(fm: FastWorldModel, st: _StepState, sampled: torch.Tensor, pi_noise: torch.Tensor,
+           q_pick: torch.Tensor) -> torch.Tensor:
+    """Values ``[B, N]`` (policy rows first) of this iteration's sequences.
+
+    ``sampled [B, H, S, A]``, ``pi_noise [B, N, A]``, ``q_pick [B, Q]``.
+    """
+    b, _, s, _ = sampled.shape
+    p = st.g_pi.shape[1]
+    z_s, g_s = _rollout(fm, st, sampled)
+    st.z_h[:, p:] = z_s.view(b, s, -1)
+    a_last = fm.policy(st.z_h, st.rows, pi_noise, st.mask)
+    q = fm.q_average(st.z_h, a_last, st.rows, q_pick)
+    return (torch.cat([st.g_pi, g_s], 1) + st.disc_h * q).nan_to_num(0)
+
+
 def _gather_elites(value: torch.Tensor, actions: torch.Tensor, k: int):
     """Top-``k`` values ``[B, k]`` and their action sequences ``[B, H, k, A]``."""
     elite_value, idx = torch.topk(value, k, dim=1)
@@ -150,91 +253,120 @@ def _gather_elites(value: torch.Tensor, actions: torch.Tensor, k: int):
     return elite_value, torch.gather(actions, 2, index)
 
 
-def _pair_average(q: torch.Tensor, q_pick: torch.Tensor) -> torch.Tensor:
-    """Average decoded Q of the two members picked per element.
+def _refit(cfg: PlannerConfig, value: torch.Tensor, actions: torch.Tensor,
+           mask: torch.Tensor | None):
+    """New sampling mean/std ``[B, H, A]`` from the elites; also returns their scores
+    ``[B, E]`` and sequences ``[B, H, E, A]``."""
+    elite_value, elite_actions = _gather_elites(value, actions, cfg.num_elites)
+    score = torch.exp(cfg.temperature * (elite_value - elite_value.max(1, True).values))
+    score = score / score.sum(1, keepdim=True)
+    w = score[:, None, :, None]
+    denom = score.sum(1)[:, None, None] + 1e-9
+    mean = (w * elite_actions).sum(2) / denom
+    std = ((w * (elite_actions - mean[:, :, None]) ** 2).sum(2) / denom).sqrt()
+    std = std.clamp(cfg.min_std, cfg.max_std)
+    if mask is not None:
+        mean, std = mean * mask[:, None], std * mask[:, None]
+    return mean, std, score, elite_actions
 
-    ``q [Q, B, N, 1]`` values of all members, ``q_pick [B, Q]`` uniforms -> ``[B, N, 1]``.
-    """
-    if q.shape[0] == 2:
-        return q.mean(0)
-    pair = torch.argsort(q_pick, dim=1)[:, :2]  # [B, 2]
-    index = pair.t()[:, :, None, None].expand(-1, -1, q.shape[2], 1)
-    return torch.gather(q, 0, index).mean(0)
 
-
-@torch.no_grad()
-def estimate_value(model: WorldModel, z: torch.Tensor, actions: torch.Tensor,
-                   task: torch.Tensor | None, discount: torch.Tensor, pi_noise: torch.Tensor,
-                   q_pick: torch.Tensor) -> torch.Tensor:
-    """Discounted model return of action sequences plus the bootstrapped Q at the horizon.
-
-    Args:
-        z: ``[B, N, L]`` start latents; actions: ``[B, H, N, A]``; task: ``[B, N]`` or None;
-        discount: ``[B, 1, 1]``; pi_noise: ``[B, N, A]``; q_pick: ``[B, Q]``.
-    Returns:
-        ``[B, N, 1]`` values.
-    """
-    g = torch.zeros(*z.shape[:2], 1, dtype=z.dtype)
-    disc = torch.ones_like(discount)
-    for k in range(actions.shape[1]):
-        g = g + disc * model.decode(model.reward(z, actions[:, k], task))
-        z = model.next(z, actions[:, k], task)
-        disc = disc * discount
-    a_last = model.pi(z, task, pi_noise).action
-    q = model.decode(model.q_logits(z, a_last, task))
-    return g + disc * _pair_average(q, q_pick)
+def _iteration(fm: FastWorldModel, cfg: PlannerConfig, st: _StepState, mean: torch.Tensor,
+               std: torch.Tensor, sample: torch.Tensor, pi_noise: torch.Tensor,
+               q_pick: torch.Tensor):
+    """One MPPI iteration: sample ``[B, H, S, A]`` sequences around ``mean``/``std``
+    ``[B, H, A]``, value them with the policy rows, refit (see :func:`_refit`)."""
+    sampled = (mean[:, :, None] + std[:, :, None] * sample).clamp_(-1, 1)
+    if st.mask is not None:
+        sampled.mul_(st.mask[:, None, None])
+    st.actions[:, :, cfg.num_pi_trajs:] = sampled
+    value = _value(fm, st, sampled, pi_noise, q_pick)
+    return _refit(cfg, value, st.actions, st.mask)
 
 
 @torch.no_grad()
-def plan(model: WorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.Tensor | None,
-         prev_mean: torch.Tensor, t0: torch.Tensor, eval_mode: bool, noise: PlanNoise,
-         discount: torch.Tensor):
+def plan(model: WorldModel | FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor,
+         task: torch.Tensor | None, prev_mean: torch.Tensor, t0: torch.Tensor, eval_mode: bool,
+         noise: PlanNoise, discount: torch.Tensor, precision: str = "fp32"):
     """MPPI for ``B`` environments at once; the same algorithm as :func:`plan_literal`.
 
     Args:
-        z0: ``[B, L]`` encoded observations; task: ``[B]`` long or None;
-        prev_mean: ``[B, H, A]``; t0: ``[B]`` bool (episode start: no warm start);
-        noise: batched :class:`PlanNoise`; discount: ``[B]`` per-element gamma.
+        model: a world model (its cached :func:`fast_view` for ``precision`` is used) or a
+            :class:`FastWorldModel`; z0: ``[B, L]`` encoded observations; task: ``[B]`` long
+            or None; prev_mean: ``[B, H, A]``; t0: ``[B]`` bool (episode start: no warm
+            start); noise: batched :class:`PlanNoise`; discount: ``[B]`` per-element gamma;
+        precision: ``fp32`` (exact, default), ``bf16`` or ``int8``, optionally with
+            ``+compile`` (see :func:`~tdmpc_opt.fast_model.parse_precision`).
     Returns:
         ``(action [B, A], mean [B, H, A])``.
     """
-    b, a_dim = z0.shape[0], model.cfg.action_dim
-    h, n, p = cfg.horizon, cfg.num_samples, cfg.num_pi_trajs
-    mask = None if task is None else model.action_mask(task)[:, None, :]  # [B, 1, A]
-    task_p = None if task is None else task[:, None].expand(b, p)
-    task_n = None if task is None else task[:, None].expand(b, n)
-    actions = torch.empty(b, h, n, a_dim, dtype=z0.dtype)
-    if p > 0:
-        z = z0[:, None].expand(b, p, -1)
-        for k in range(h):
-            actions[:, k, :p] = model.pi(z, task_p, noise.pi_traj[:, k]).action
-            if k < h - 1:
-                z = model.next(z, actions[:, k, :p], task_p)
-    z = z0[:, None].expand(b, n, -1)
-    mean = torch.zeros(b, h, a_dim, dtype=z0.dtype)
-    warm = ~t0.bool()
-    mean[warm, :-1] = prev_mean[warm, 1:]
-    std = torch.full((b, h, a_dim), cfg.max_std, dtype=z0.dtype)
-    gamma = discount.reshape(b, 1, 1).to(z0.dtype)
+    fm = model if isinstance(model, FastWorldModel) else fast_view(model, precision)
+    b, a_dim, h = z0.shape[0], fm.cfg.action_dim, cfg.horizon
+    prepare = fm.compiled("prepare", _prepare) if fm.compile else _prepare
+    st = prepare(fm, cfg, z0, task, noise, discount)
+    shifted = F.pad(prev_mean[:, 1:].to(torch.float32), (0, 0, 0, 1))
+    mean = torch.where(t0.bool().reshape(b, 1, 1), torch.zeros_like(shifted), shifted)
+    std = torch.full((b, h, a_dim), cfg.max_std, device=z0.device)
+    step = fm.compiled("iteration", _iteration) if fm.compile else _iteration
     for it in range(cfg.iterations):
-        sampled = mean[:, :, None] + std[:, :, None] * noise.sample[:, it]
-        actions[:, :, p:] = sampled.clamp(-1, 1)
-        if mask is not None:
-            actions = actions * mask[:, None]
-        value = estimate_value(model, z, actions, task_n, gamma, noise.pi_value[:, it],
-                               noise.q_pick[:, it]).nan_to_num(0).squeeze(-1)
-        elite_value, elite_actions = _gather_elites(value, actions, cfg.num_elites)
-        score = torch.exp(cfg.temperature * (elite_value - elite_value.max(1, True).values))
-        score = score / score.sum(1, keepdim=True)  # [B, E]
-        w = score[:, None, :, None]
-        denom = score.sum(1)[:, None, None] + 1e-9
-        mean = (w * elite_actions).sum(2) / denom
-        std = ((w * (elite_actions - mean[:, :, None]) ** 2).sum(2) / denom).sqrt()
-        std = std.clamp(cfg.min_std, cfg.max_std)
-        if mask is not None:
-            mean, std = mean * mask, std * mask
+        mean, std, score, elite_actions = step(fm, cfg, st, mean, std, noise.sample[:, it],
+                                               noise.pi_value[:, it], noise.q_pick[:, it])
     idx = tm.gumbel_argmax(score, noise.gumbel)  # [B]
-    action = elite_actions[torch.arange(b), 0, idx]
+    action = elite_actions[torch.arange(b, device=z0.device), 0, idx]
     if not eval_mode:
         action = action + std[:, 0] * noise.explore
     return action.clamp(-1, 1), mean
+
+
+# ------------------------------------------------------------------------ CUDA graphs
+class GraphPlanner:
+    """:func:`plan` replayed from CUDA graphs, one per (batch size, eval mode, task or not).
+
+    On a GPU every step of a TD-MPC2 plan is a small kernel, so launching them dominates; a
+    captured graph replays all of them at once. Inputs are copied into static buffers, the
+    graph replays, outputs are cloned. The view it plans with never reads tensor values on the
+    host (``sync_free``), as capture requires. On a CPU it calls :func:`plan` with that same
+    view, so the graph's code path is testable anywhere.
+    """
+
+    def __init__(self, model: WorldModel, cfg: PlannerConfig, precision: str = "fp32",
+                 warmup: int = 2):
+        self.fm = FastWorldModel(model, precision)
+        self.fm.sync_free = True
+        self.cfg, self.warmup = cfg, warmup
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, z0: torch.Tensor, task: torch.Tensor | None, prev_mean: torch.Tensor,
+                 t0: torch.Tensor, eval_mode: bool, noise: PlanNoise, discount: torch.Tensor):
+        """Same arguments and results as :func:`plan` (less the model, config, precision)."""
+        if z0.device.type != "cuda":
+            return plan(self.fm, self.cfg, z0, task, prev_mean, t0, eval_mode, noise, discount)
+        inputs = [z0, task, prev_mean, t0, discount,
+                  *(getattr(noise, f.name) for f in fields(noise))]
+        key = (z0.shape[0], eval_mode, task is None)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs, eval_mode)
+        graph, static, outputs = self.graphs[key]
+        for dst, src in zip(static, inputs, strict=True):
+            if dst is not None:
+                dst.copy_(src)
+        graph.replay()
+        return tuple(o.clone() for o in outputs)
+
+    def _capture(self, inputs: list, eval_mode: bool) -> tuple:
+        static = [None if x is None else x.clone() for x in inputs]
+        z0, task, prev_mean, t0, discount, *rest = static
+        noise = PlanNoise(*rest)
+
+        def run():
+            return plan(self.fm, self.cfg, z0, task, prev_mean, t0, eval_mode, noise, discount)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = run()
+        return graph, static, outputs

@@ -1,0 +1,295 @@
+"""Benchmark the MPPI planner of a checkpoint on this machine.
+
+For every batch size and precision: milliseconds per planning call, environment steps per
+second, the matrix-product FLOPs of one step counted from the architecture (TD-MPC2's
+computation, and what this planner executes), the achieved GFLOP/s, the matrix-product peak
+of that precision measured in the same process (so the floor time = FLOPs / peak), and the
+speed-up over the literal one-environment planner, also timed in this process. Reduced
+precisions are compared with float32 on the same random numbers (action and prediction
+agreement); the score check of a precision needs an evaluation (``tdmpc-opt eval``).
+
+Examples:
+  tdmpc-opt bench planner --checkpoint ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt
+  tdmpc-opt bench planner --checkpoint CKPT --batch 1,16,64 --precision fp32,bf16,int8 \\
+      --threads 2 --json planner.json
+  tdmpc-opt bench planner --checkpoint CKPT --precision int8+compile --seconds 10
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from tdmpc_opt.cli._common import int_list, nonnegative_float, positive_int
+
+NAME = "bench"
+HELP = "benchmark the planner (speed, FLOPs vs measured peak, speed-up, agreement)"
+
+
+def add_arguments(p):
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True,
+                           parser_class=type(p))
+    q = sub.add_parser("planner", help="MPPI planning speed", description=__doc__,
+                       formatter_class=p.formatter_class)
+    q.add_argument("--checkpoint", required=True, help="model file (.pt or .safetensors)")
+    q.add_argument("--batch", type=int_list, default=[1], help="batch sizes, e.g. 1,16,64")
+    q.add_argument("--precision", default="fp32,bf16,int8",
+                   help="comma-separated: fp32, bf16, int8, each optionally +compile")
+    q.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    q.add_argument("--seconds", type=nonnegative_float, default=3.0,
+                   help="timing budget per row (at least 3 timed calls)")
+    q.add_argument("--literal-calls", type=int, default=2,
+                   help="timed calls of the literal planner (0: skip the speed-up)")
+    q.add_argument("--agreement", type=int, default=8,
+                   help="states for the agreement check of reduced precisions (0: skip)")
+    q.add_argument("--json", default=None, help="also write the results here")
+    q.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="planner settings, e.g. num_samples=256 iterations=4")
+
+
+# ------------------------------------------------------------------------------ FLOPs
+def planning_flops(cfg, pcfg) -> dict[str, float]:
+    """Matrix-product FLOPs (2 per multiply-add) of one planning step, one environment.
+
+    ``tdmpc2``: the original computation (task embedding concatenated to every first-layer
+    input, every sequence valued every iteration). ``executed``: this planner's (task part
+    precomputed, start latent's part once, policy sequences rolled out once).
+    """
+    lat, a, t, d, k = cfg.latent_dim, cfg.action_dim, cfg.task_dim, cfg.mlp_dim, \
+        max(cfg.num_bins, 1)
+    h, n, p, its = pcfg.horizon, pcfg.num_samples, pcfg.num_pi_trajs, pcfg.iterations
+    hidden = d * d
+    dyn, rew = (lat + a) * d + hidden + d * lat, (lat + a) * d + hidden + d * k
+    pi, q = lat * d + hidden + d * 2 * a, (lat + a) * d + hidden + d * k
+    orig = p * (h * (pi + t * d) + (h - 1) * (dyn + t * d)) \
+        + its * n * (h * (dyn + rew + 2 * t * d) + pi + t * d + 2 * (q + t * d))
+    step0 = 2 * lat * d                                       # latent parts known at step 0
+    done = 2 * lat * d + p * (h * (pi + dyn + rew) - step0) \
+        + its * ((n - p) * (h * (dyn + rew) - step0) + n * (pi + 2 * q))
+    return {"tdmpc2": 2.0 * orig, "executed": 2.0 * done}
+
+
+# ----------------------------------------------------------------------------- timing
+def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5) -> float:
+    """Measured GFLOP/s (GOP/s for int8) of a ``[rows, dim] @ [dim, dim]`` product."""
+    g = torch.Generator().manual_seed(0)
+    if precision == "int8":
+        x = torch.randint(-127, 128, (rows, dim), dtype=torch.int8, generator=g)
+        w = torch.randint(-127, 128, (dim, dim), dtype=torch.int8, generator=g).t()
+
+        def f():
+            return torch._int_mm(x, w)
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        x, w = torch.randn(rows, dim, generator=g).to(dtype), torch.randn(dim, dim).to(dtype)
+        b = torch.zeros(dim, dtype=dtype)
+
+        def f():
+            return torch.addmm(b, x, w)
+    return 2 * rows * dim * dim / _best_time(f, seconds) / 1e9
+
+
+def _best_time(fn, seconds: float, min_calls: int = 3) -> float:
+    """Fastest of repeated calls of ``fn`` (after one warm-up call), in seconds."""
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _timed(fn, seconds: float, min_calls: int = 3) -> dict[str, float]:
+    """Median and best wall seconds per call of ``fn`` (after one warm-up call), and the
+    median process CPU seconds per call (a busy machine inflates it less than wall time)."""
+    fn()
+    times, cpu, start = [], [], time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < seconds:
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return {"median_s": statistics.median(times), "best_s": min(times), "calls": len(times),
+            "cpu_s": statistics.median(cpu)}
+
+
+def _plan_inputs(agent, batch: int, seed: int = 0):
+    """Encoded random observations of the model's first tasks and matching planner inputs."""
+    from tdmpc_opt.planner import draw_noise
+
+    cfg, pcfg = agent.cfg, agent.planner
+    g = torch.Generator().manual_seed(seed)
+    task = torch.arange(batch) % cfg.num_tasks if cfg.multitask else None
+    obs = torch.randn(batch, cfg.obs_dim, generator=g)
+    with torch.no_grad():
+        z = agent.model.encode(obs, task)
+    gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(batch)]
+    noise = draw_noise(pcfg, cfg.action_dim, cfg.num_q, batch, gens)
+    prev = torch.zeros(batch, pcfg.horizon, cfg.action_dim)
+    gamma = torch.full((batch,), 0.99)
+    return obs, z, task, prev, torch.ones(batch, dtype=torch.bool), noise, gamma
+
+
+def time_planner(agent, batch: int, precision: str, seconds: float) -> dict[str, float]:
+    """Seconds per :func:`~tdmpc_opt.planner.plan` call for ``batch`` environments."""
+    from tdmpc_opt.planner import plan
+
+    _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, batch)
+
+    def call():
+        plan(agent.model, agent.planner, z, task, prev, t0, True, noise, gamma, precision)
+    if precision.endswith("+compile"):
+        start = time.perf_counter()
+        call()  # compiles
+        compile_s = time.perf_counter() - start
+        return dict(_timed(call, seconds), compile_s=compile_s)
+    return _timed(call, seconds)
+
+
+def time_literal(agent, calls: int) -> float:
+    """Seconds per :func:`~tdmpc_opt.planner.plan_literal` call (one environment)."""
+    from tdmpc_opt.planner import plan_literal
+
+    obs, _, task, prev, _, noise, _ = _plan_inputs(agent, 1)
+    t = None if task is None else int(task[0])
+
+    def call():
+        plan_literal(agent.model, agent.planner, obs[0], t, prev[0], True, True, noise[0], 0.99)
+    return _timed(call, 0.0, min_calls=calls)["median_s"]
+
+
+def agreement(agent, precision: str, states: int) -> dict[str, float]:
+    """Reduced precision against float32 on the same random numbers, ``states`` states.
+
+    ``action_*``: |a_precision - a_fp32| of the planned first actions; ``fp32_noise_mean``:
+    |a - a'| of float32 plans with different random numbers (the planner's own spread, for
+    scale); ``value_rel``: median relative difference of the Q averages the planner uses.
+    """
+    from tdmpc_opt.fast_model import fast_view
+    from tdmpc_opt.planner import plan
+
+    _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, states, seed=1)
+    _, _, _, _, _, other, _ = _plan_inputs(agent, states, seed=2)
+    m, pc = agent.model, agent.planner
+    ref, _ = plan(m, pc, z, task, prev, t0, True, noise, gamma)
+    got, _ = plan(m, pc, z, task, prev, t0, True, noise, gamma, precision)
+    alt, _ = plan(m, pc, z, task, prev, t0, True, other, gamma)
+    exact, fast = fast_view(m), fast_view(m, precision)
+    zi = exact.to_internal(z)[:, None].expand(-1, 64, -1).contiguous()
+    a = torch.rand(states, 64, agent.cfg.action_dim, generator=torch.Generator().manual_seed(3))
+    rows = exact.task_rows(task, states)
+    with torch.no_grad():
+        q = exact.q_members(zi, a * 2 - 1, rows, [0, 1])
+        q_fast = fast.q_members(zi.to(fast.dtype), a * 2 - 1, rows, [0, 1])
+    active = torch.ones_like(ref, dtype=torch.bool) if task is None else \
+        m.action_mask(task).bool()
+    d = (got - ref).abs()[active]
+    return {"action_mean": d.mean().item(), "action_max": d.max().item(),
+            "fp32_noise_mean": (alt - ref).abs()[active].mean().item(),
+            "value_rel": ((q_fast - q).abs() / q.abs().clamp_min(1e-6)).median().item()}
+
+
+# -------------------------------------------------------------------------------- run
+def machine() -> dict:
+    """Where the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "loadavg": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def bench_rows(agent, batches: list[int], precisions: list[str], seconds: float,
+               literal_s: float | None, states: int) -> list[dict]:
+    """One result row per (batch, precision); see the module doc for the fields."""
+    flops = planning_flops(agent.cfg, agent.planner)
+    peaks: dict[str, float] = {}
+    rows = []
+    for prec in precisions:
+        base = prec.split("+")[0]
+        if base not in peaks:
+            peaks[base] = matmul_peak(base, agent.cfg.mlp_dim)
+        agree = agreement(agent, prec, states) if states and base != "fp32" else None
+        for b in batches:
+            t = time_planner(agent, b, prec, seconds)
+            per_call = t["median_s"]
+            floor = b * flops["executed"] / (peaks[base] * 1e9)
+            rows.append({
+                "batch": b, "precision": prec, "ms_per_call": 1e3 * per_call,
+                "best_ms_per_call": 1e3 * t["best_s"], "env_steps_per_s": b / per_call,
+                "cpu_ms_per_call": 1e3 * t["cpu_s"] if torch.get_num_threads() == 1 else None,
+                "gflop_per_step": flops["executed"] / 1e9,
+                "tdmpc2_gflop_per_step": flops["tdmpc2"] / 1e9,
+                "achieved_gflops": b * flops["executed"] / per_call / 1e9,
+                "peak_gflops": peaks[base], "floor_ms": 1e3 * floor,
+                "x_floor": per_call / floor,
+                "speedup_vs_literal": None if literal_s is None else literal_s * b / per_call,
+                "compile_s": t.get("compile_s"), "agreement": agree, "loadavg": _loadavg()})
+    return rows
+
+
+def print_rows(rows: list[dict], literal_s: float | None) -> None:
+    """A fixed-width table of :func:`bench_rows` results."""
+    if literal_s is not None:
+        print(f"literal planner: {1e3 * literal_s:.0f} ms per step (one environment)")
+    head = (f"{'batch':>5} {'precision':>13} {'ms/call':>9} {'steps/s':>8} {'GFLOP':>6} "
+            f"{'GFLOP/s':>8} {'peak':>6} {'x floor':>7} {'vs literal':>10}")
+    print(head)
+    for r in rows:
+        lit = "-" if r["speedup_vs_literal"] is None else f"{r['speedup_vs_literal']:.1f}x"
+        print(f"{r['batch']:>5} {r['precision']:>13} {r['ms_per_call']:>9.1f} "
+              f"{r['env_steps_per_s']:>8.1f} {r['gflop_per_step']:>6.2f} "
+              f"{r['achieved_gflops']:>8.1f} {r['peak_gflops']:>6.0f} {r['x_floor']:>7.2f} "
+              f"{lit:>10}")
+    for r in rows:
+        if r["agreement"] and r["batch"] == rows[0]["batch"]:
+            a = r["agreement"]
+            print(f"{r['precision']} vs fp32 (same noise): action |diff| mean "
+                  f"{a['action_mean']:.4f} max {a['action_max']:.3f} (fp32, other noise: "
+                  f"{a['fp32_noise_mean']:.4f}); Q relative diff median {a['value_rel']:.2e}")
+
+
+def run(args) -> int:
+    from tdmpc_opt.agent import load_agent
+    from tdmpc_opt.cli._common import write_json
+    from tdmpc_opt.config import PlannerConfig, apply_overrides
+    from tdmpc_opt.errors import ConfigError
+    from tdmpc_opt.fast_model import parse_precision
+
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    for p in precisions:
+        try:
+            parse_precision(p)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    planner = apply_overrides(PlannerConfig(), args.overrides)
+    agent = load_agent(args.checkpoint, planner=planner)
+    literal_s = time_literal(agent, args.literal_calls) if args.literal_calls > 0 else None
+    rows = bench_rows(agent, args.batch, precisions, args.seconds, literal_s, args.agreement)
+    info = machine()
+    print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+          f"load average {info['loadavg']}")
+    print_rows(rows, literal_s)
+    if args.json:
+        write_json(args.json, {"machine": info, "checkpoint": str(args.checkpoint),
+                               "planner": vars(planner), "literal_ms": None if literal_s is None
+                               else 1e3 * literal_s, "rows": rows})
+    return 0

@@ -1,0 +1,400 @@
+"""An inference-only view of a :class:`~tdmpc_opt.world_model.WorldModel`, built for planning.
+
+The planner evaluates the same few networks on hundreds of rows per step, so this view
+re-arranges the weights once instead of re-doing work per call:
+
+* every first layer is split into latent, task and action parts; the task part (plus the
+  bias) becomes a per-task bias table computed once, so no task embedding is concatenated or
+  multiplied per sample, and the action part is a small ``[A, D]`` product the planner computes
+  for a whole horizon at once;
+* only the Q members a planning iteration picked are evaluated;
+* weights are pre-transposed ``[in, out]`` and contiguous, in the chosen precision:
+  ``fp32`` (exact), ``bf16`` (weights and activations bfloat16, products accumulate in
+  float32) or ``int8`` (per-output-channel int8 weights, per-row int8 activations,
+  ``torch._int_mm``);
+* Mish is computed exactly through one exponential (:func:`mish_`), in place;
+* latents are kept with their SimNorm groups interleaved (feature ``j*G + g`` is element ``j``
+  of group ``g``), so SimNorm is a softmax over a middle dimension, which PyTorch vectorises,
+  instead of over a last dimension of 8, which it does not. The weights that read or write
+  latents are permuted to match; :meth:`FastWorldModel.to_internal` converts encoder latents.
+
+Everything is row-wise: a row's result never depends on the other rows of the batch (matrix
+products get at least :data:`MIN_ROWS` rows, below which float32 BLAS takes another kernel
+path), so an episode planned in a batch gets the same numbers as alone.
+
+The view is a snapshot of the weights: :func:`fast_view` rebuilds it when they change.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from tdmpc_opt import math as tm
+from tdmpc_opt.world_model import WorldModel
+
+PRECISIONS = ("fp32", "bf16", "int8")
+"""Precisions a :class:`FastWorldModel` can compute in; ``fp32`` is exact and the default."""
+COMPILE_SUFFIX = "+compile"
+MIN_ROWS = 16
+"""Matrix products get at least this many rows: MKL's float32 products of 1-3 rows (and of
+5-11 rows with 2 threads) round differently from those of more rows."""
+_INT8_MAX = 127.0
+_MISH_CLAMP = 20.0
+_MISH_MIN = 0.30885
+"""Just above ``-min(mish)`` (0.308840): ``|mish(y)| <= max(mish(max y), _MISH_MIN)``."""
+
+
+def parse_precision(spec: str) -> tuple[str, bool]:
+    """``"int8"`` -> ``("int8", False)``; ``"int8+compile"`` -> ``("int8", True)``.
+
+    ``+compile`` runs each MPPI iteration through ``torch.compile`` (inductor), which fuses the
+    elementwise work; the first plan of each batch size compiles (about a minute on a CPU).
+    """
+    precision, compile_ = spec, spec.endswith(COMPILE_SUFFIX)
+    if compile_:
+        precision = spec[:-len(COMPILE_SUFFIX)]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, optionally with "
+                         f"{COMPILE_SUFFIX!r}; got {spec!r}")
+    return precision, compile_
+
+
+# ------------------------------------------------------------------------------ Mish
+def mish_(x: torch.Tensor) -> torch.Tensor:
+    """Mish in place, exactly, through one exponential; any shape.
+
+    ``tanh(softplus(x)) = ((1+e)^2 - 1) / ((1+e)^2 + 1) = n / (n + 2)`` with ``e = exp(x)``,
+    ``n = e (e + 2)``. Written this way nothing cancels for negative ``x``; ``e`` is clamped
+    at ``exp(20)``, where the ratio is 1 in float32 (``F.mish`` switches to ``x`` there too).
+    ``exp`` is computed by MKL's vector library on CPU, which rounds an element the same
+    whatever the tensor's length; ``torch.sigmoid`` (faster) does not, and would make an
+    episode's numbers depend on the batch it is planned in.
+    """
+    e = torch.clamp(x, max=_MISH_CLAMP).exp_()
+    n = torch.add(e, 2).mul_(e)
+    return x.mul_(n).div_(n.add_(2))  # x * n first, then n becomes n + 2
+
+
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """Out-of-place :func:`mish_`; equals ``F.mish`` to float32 rounding."""
+    return mish_(x.clone())
+
+
+def ln_mish(x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor],
+            int8_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LayerNorm with affine ``norm = (weight, bias)``, then Mish: ``[M, D]`` -> new ``[M, D]``.
+
+    With ``int8_scale`` also returns the rows' int8 scales ``[M, 1]`` for the next product,
+    from the LayerNorm output's row maximum (Mish rises above -1.19 and never falls below
+    -0.30884, so ``max(mish(max y), 0.30885) / 127`` bounds every ``|mish(y)| / 127``) --
+    no second pass over the activations. Otherwise the scales are None.
+    """
+    y = F.layer_norm(x, x.shape[-1:], norm[0], norm[1])
+    if not int8_scale:
+        return mish_(y), None
+    top = mish_(y.amax(-1, keepdim=True)).clamp_min_(_MISH_MIN).div_(_INT8_MAX)
+    return mish_(y), top
+
+
+# ---------------------------------------------------------------------- matrix products
+class Dense:
+    """``y = x @ W + b`` for one linear layer, prepared for a precision.
+
+    ``weight`` is ``[out, in]`` as in ``nn.Linear``; inputs ``[M, in]`` (any row stride),
+    outputs ``[M, out]`` (computed ``out`` rounded up to a multiple of 8 wide, which BLAS
+    runs faster, then sliced). int8: weights per output channel and activations per row, both
+    symmetric; the int32 products are rescaled in float32.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str):
+        self.precision = precision
+        w = weight.detach().float()
+        self.out_dim = w.shape[0]
+        self.min_rows = MIN_ROWS
+        w = F.pad(w, (0, 0, 0, -w.shape[0] % 8))  # 8 | out: faster (and CUDA int8 needs it)
+        if bias is not None:
+            bias = F.pad(bias.detach().float(), (0, w.shape[0] - bias.shape[0]))
+        if precision == "int8":
+            if w.is_cuda:  # CUDA _int_mm also wants more than 16 rows
+                self.min_rows = 17
+            self.scale = w.abs().amax(1).clamp_min(1e-12) / _INT8_MAX
+            self.weight = torch.round(w / self.scale[:, None]).clamp(-127, 127) \
+                .to(torch.int8).t()
+            dtype = torch.float32
+        else:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            self.scale, self.weight = None, w.t().contiguous().to(dtype)
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+
+    def product(self, x: torch.Tensor, row_scale: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x @ W`` without bias: ``(y [M, out], None)``; int8: ``(y, row scales [M, 1])``
+        where ``y`` carries the weight scales and the caller applies the row scales (given,
+        or from the rows' absolute maxima)."""
+        if self.precision != "int8":
+            return (x @ self.weight)[:, :self.out_dim], None
+        if row_scale is None:
+            row_scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-12).div_(_INT8_MAX)
+        q = torch.div(x, row_scale).round_().to(torch.int8)
+        y = torch._int_mm(q, self.weight)[:, :self.out_dim]
+        return y.to(torch.float32).mul_(self.scale[:self.out_dim]), row_scale
+
+    def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [M, in]`` -> ``[M, out]``; ``row_scale [M, 1]``: int8 input scales, if known."""
+        m = x.shape[0]
+        if m < self.min_rows:  # the same kernel as for many rows, on zero-padded rows
+            pad = self.min_rows - m
+            s = None if row_scale is None else F.pad(row_scale, (0, 0, 0, pad), value=1.0)
+            return self(F.pad(x, (0, 0, 0, pad)), s)[:m]
+        if self.precision != "int8":
+            if self.bias is None:
+                return torch.mm(x, self.weight)[:, :self.out_dim]
+            return torch.addmm(self.bias, x, self.weight)[:, :self.out_dim]
+        y, s = self.product(x, row_scale)
+        if self.bias is None:
+            return y.mul_(s)
+        return torch.addcmul(self.bias[:self.out_dim], y, s)
+
+    def accumulate_(self, acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``acc += x @ W`` in place (no bias); ``acc [M, out]``."""
+        m = x.shape[0]
+        if m < self.min_rows:
+            pad = (0, 0, 0, self.min_rows - m)
+            return acc.copy_(self.accumulate_(F.pad(acc, pad), F.pad(x, pad))[:m])
+        if self.precision != "int8":
+            return acc.addmm_(x, self.weight)
+        y, s = self.product(x)
+        return acc.addcmul_(y, s)
+
+
+# --------------------------------------------------------------------------- the view
+class FastWorldModel:
+    """Planning-time view of a :class:`WorldModel` in one precision (see the module doc).
+
+    Shapes: ``L`` latent, ``A`` action, ``D`` hidden width, ``K`` bins; ``T`` task-table rows
+    (the tasks, or 1 for a single-task model). Activations are in :attr:`dtype`; values,
+    actions and task biases in float32.
+    """
+
+    def __init__(self, model: WorldModel, precision: str = "fp32"):
+        precision, self.compile = parse_precision(precision)
+        self.cfg, self.precision = model.cfg, precision
+        self._compiled: dict[str, object] = {}
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.device = next(model.parameters()).device
+        self.sync_free = False
+        """Never read tensor values on the host (set for CUDA-graph capture)."""
+        c = model.cfg
+        g = c.latent_dim // c.simnorm_dim
+        self.perm = torch.arange(c.latent_dim, device=self.device).view(g, -1).t().reshape(-1)
+        """Internal latent feature ``i`` is feature ``perm[i]`` of the model's latent."""
+        with torch.no_grad():
+            emb = model.task_embedding(torch.arange(c.num_tasks, device=self.device)) \
+                if c.multitask else None
+            self.action_masks = model._action_masks if c.multitask else None
+            self.dyn1, self.dyn2, self.dyn3 = self._first(model._dynamics[0], emb), \
+                self._hidden(model._dynamics[1]), model._dynamics[2]
+            self.dyn3 = (Dense(self.dyn3.weight[self.perm], self.dyn3.bias[self.perm],
+                               precision), self._norm(self.dyn3.ln, self.perm))
+            w, b = self.dyn3[1]
+            bound = (w.float().abs() * (c.latent_dim - 1) ** 0.5 + b.float().abs()).max()
+            self._simnorm_bounded = bool(bound < 80)
+            self.rew1, self.rew2 = self._first(model._reward[0], emb), \
+                self._hidden(model._reward[1])
+            self.rew3 = Dense(model._reward[2].weight, model._reward[2].bias, precision)
+            pi = model._pi
+            self.pi1, self.pi2 = self._first(pi[0], emb, with_action=False), self._hidden(pi[1])
+            self.pi3 = Dense(pi[2].weight, pi[2].bias, precision)
+            self._build_q(model, emb)
+            self.centers = tm.bin_centers(c.num_bins, c.vmin, c.vmax, self.device)
+
+    # ------------------------------------------------------------------- construction
+    def _norm(self, ln, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        w, b = ln.weight.detach().float(), ln.bias.detach().float()
+        if index is not None:
+            w, b = w[index], b[index]
+        return w.to(self.dtype).contiguous(), b.to(self.dtype).contiguous()
+
+    def _hidden(self, layer) -> tuple[Dense, tuple[torch.Tensor, torch.Tensor]]:
+        """A hidden NormedLinear: (product, LayerNorm affine)."""
+        return Dense(layer.weight, layer.bias, self.precision), self._norm(layer.ln)
+
+    def _first(self, layer, emb: torch.Tensor | None, with_action: bool = True,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               ln: tuple | None = None) -> dict:
+        """A first layer reading ``[z, task_emb, (a)]``, split into its parts.
+
+        Returns ``{"z": Dense (latent part, internal latent order), "a": float32 Dense or
+        None, "task": [T, D] float32 (bias + task part), "ln": affine}``.
+        """
+        lat, td = self.cfg.latent_dim, self.cfg.task_dim
+        w = (layer.weight if weight is None else weight).detach().float()
+        b = (layer.bias if bias is None else bias).detach().float()
+        task = b[None].clone() if emb is None else b + emb.float() @ w[:, lat:lat + td].t()
+        return {"z": Dense(w[:, :lat][:, self.perm], None, self.precision),
+                "a": Dense(w[:, lat + td:], None, "fp32") if with_action else None,
+                "task": task, "ln": ln if ln is not None else self._norm(layer.ln)}
+
+    def _build_q(self, model: WorldModel, emb: torch.Tensor | None) -> None:
+        """Per-member Q layers (online ensemble, as TD-MPC2 plans with)."""
+        p, dt = model._Qs.params, self.dtype
+        self.q1, self.q2, self.q3 = [], [], []
+        for m in range(self.cfg.num_q):
+            ln1 = (p[0].ln.weight[m].detach().to(dt), p[0].ln.bias[m].detach().to(dt))
+            self.q1.append(self._first(None, emb, weight=p[0].weight[m], bias=p[0].bias[m],
+                                       ln=ln1))
+            self.q2.append((Dense(p[1].weight[m], p[1].bias[m], self.precision),
+                            (p[1].ln.weight[m].detach().to(dt), p[1].ln.bias[m].detach().to(dt))))
+            self.q3.append(Dense(p[2].weight[m], p[2].bias[m], self.precision))
+
+    # ----------------------------------------------------------------------- helpers
+    def compiled(self, name: str, fn):
+        """``torch.compile(fn)`` (static shapes), made once per view and ``name``."""
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(fn, dynamic=False)
+        return self._compiled[name]
+
+    def task_rows(self, task: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Task-table rows ``[B]`` (zeros for a single-task model)."""
+        if task is None:
+            return torch.zeros(batch, dtype=torch.long, device=self.device)
+        return task.long()
+
+    def mask(self, task: torch.Tensor | None) -> torch.Tensor | None:
+        """Action masks ``[B, A]`` (None for single-task models)."""
+        return None if self.action_masks is None else self.action_masks[task.long()]
+
+    def to_internal(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder latents ``[..., L]`` -> this view's latent layout and dtype."""
+        return z[..., self.perm].to(self.dtype)
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        """Two-hot logits ``[..., K]`` -> float32 scalars ``[...]``."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        return tm.symexp((probs * self.centers).sum(-1))
+
+    # ------------------------------------------------------------------------ networks
+    def first_layers(self, a: torch.Tensor, bias: torch.Tensor,
+                     z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """First-layer pre-activations of dynamics and reward, ``([M, D], [M, D])``.
+
+        ``a [B, R, A]`` actions, ``bias [2, B, D]`` float32 (task part, plus the start
+        latent's part at step 0), ``z [B*R, L]`` latents (None when already in ``bias``).
+        """
+        b, r, _ = a.shape
+        a = a.reshape(b * r, -1)
+        out = []
+        for first, bias_j in zip((self.dyn1, self.rew1), bias, strict=True):
+            pre = first["a"](a)
+            pre = pre.view(b, r, -1).add_(bias_j[:, None]).view(b * r, -1).to(self.dtype)
+            out.append(pre if z is None else first["z"].accumulate_(pre, z))
+        return out[0], out[1]
+
+    def dyn_rew(self, pre: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamics and reward after their first products.
+
+        ``pre``: first-layer pre-activations ``[M, D]`` of dynamics and reward. Returns the
+        next latent ``[M, L]`` and the reward logits ``[M, K]``.
+        """
+        q = self.precision == "int8"
+        h = ln_mish(pre[0], self.dyn1["ln"], q)
+        h = ln_mish(self.dyn2[0](*h), self.dyn2[1], q)
+        dense, norm = self.dyn3
+        z = F.layer_norm(dense(*h), (self.cfg.latent_dim,), *norm)
+        r = ln_mish(pre[1], self.rew1["ln"], q)
+        r = ln_mish(self.rew2[0](*r), self.rew2[1], q)
+        return self._simnorm(z), self.rew3(*r)
+
+    def _simnorm(self, z: torch.Tensor) -> torch.Tensor:
+        """SimNorm of LayerNorm outputs ``[M, L]`` (internal layout), row by row invariant.
+
+        ``torch.softmax`` over a middle dimension rounds differently when two threads split
+        an odd number of rows, so it is written out; when the LayerNorm bounds the inputs
+        below 80 (``exp`` cannot overflow or vanish) the max-subtraction is skipped.
+        """
+        x = z.view(z.shape[0], self.cfg.simnorm_dim, -1)
+        e = x.exp() if self._simnorm_bounded else (x - x.amax(1, keepdim=True)).exp_()
+        return e.div_(e.sum(1, keepdim=True)).view(z.shape)
+
+    def policy(self, z: torch.Tensor, task_rows: torch.Tensor, eps: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Policy-prior sample (as ``WorldModel.pi(...).action``), float32.
+
+        ``z [B, R, L]``, ``task_rows [B]``, ``eps [B, R, A]``, ``mask [B, A]`` -> ``[B, R, A]``.
+        """
+        b, r, _ = z.shape
+        first = self.pi1
+        h = first["z"](z.reshape(b * r, -1))
+        h.view(b, r, -1).add_(first["task"][task_rows].to(self.dtype)[:, None])
+        q = self.precision == "int8"
+        h = ln_mish(self.pi2[0](*ln_mish(h, first["ln"], q)), self.pi2[1], q)
+        mean, raw = self.pi3(*h).float().reshape(b, r, -1).chunk(2, dim=-1)
+        c = self.cfg
+        log_std = torch.tanh(raw).add_(1).mul_(0.5 * (c.log_std_max - c.log_std_min)) \
+            .add_(c.log_std_min)
+        if mask is not None:
+            m = mask[:, None]
+            return torch.tanh((mean * m).addcmul_(eps * m, log_std.mul_(m).exp_()))
+        return torch.tanh(mean.addcmul_(eps, log_std.exp_()))
+
+    def q_members(self, z: torch.Tensor, a: torch.Tensor, task_rows: torch.Tensor,
+                  members: list[int]) -> torch.Tensor:
+        """Sum of the decoded Q of ``members``: ``z [B, R, L], a [B, R, A]`` -> ``[B, R]``."""
+        b, r, _ = z.shape
+        zf, q = z.reshape(b * r, -1), self.precision == "int8"
+        logits = []
+        for m in members:
+            first = self.q1[m]
+            acc = first["a"](a.reshape(b * r, -1)).view(b, r, -1)
+            acc = acc.add_(first["task"][task_rows][:, None]).view(b * r, -1).to(self.dtype)
+            h = ln_mish(first["z"].accumulate_(acc, zf), first["ln"], q)
+            h = ln_mish(self.q2[m][0](*h), self.q2[m][1], q)
+            logits.append(self.q3[m](*h))
+        return self.decode(torch.stack(logits, 1)).sum(-1).view(b, r)
+
+    def q_average(self, z: torch.Tensor, a: torch.Tensor, task_rows: torch.Tensor,
+                  q_pick: torch.Tensor) -> torch.Tensor:
+        """Average decoded Q of the two members each element picked, ``[B, R]``.
+
+        ``q_pick [B, Q]`` uniforms whose two smallest entries pick the pair. Elements sharing
+        a pair are evaluated together; otherwise each member runs on the elements that
+        picked it (with :attr:`sync_free`: on all elements, unpicked results dropped).
+        """
+        nq = self.cfg.num_q
+        if nq == 2:
+            return self.q_members(z, a, task_rows, [0, 1]) / 2
+        pair = torch.argsort(q_pick, dim=1)[:, :2].sort(1).values        # [B, 2]
+        if self.sync_free:
+            picked = F.one_hot(pair, nq).sum(1).bool()                    # [B, Q]
+            return sum(torch.where(picked[:, m:m + 1], self.q_members(z, a, task_rows, [m]),
+                                   0.0) for m in range(nq)) / 2
+        if bool((pair == pair[:1]).all()):
+            return self.q_members(z, a, task_rows, pair[0].tolist()) / 2
+        total = torch.zeros(z.shape[:2], device=self.device)
+        for m in range(nq):
+            sel = (pair == m).any(1).nonzero().squeeze(1)
+            if sel.numel():
+                total[sel] += self.q_members(z[sel], a[sel], task_rows[sel], [m])
+        return total / 2
+
+
+# ------------------------------------------------------------------------------ cache
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: WorldModel) -> tuple:
+    return tuple((p.data_ptr(), p._version, p.device) for p in model.parameters())
+
+
+def fast_view(model: WorldModel, precision: str = "fp32") -> FastWorldModel:
+    """The cached :class:`FastWorldModel` of ``model`` for ``precision`` (a
+    :func:`parse_precision` spec), rebuilt when the model's parameters change."""
+    views = _VIEWS.setdefault(model, {})
+    key = _fingerprint(model)
+    hit = views.get(precision)
+    if hit is None or hit[0] != key:
+        hit = views[precision] = (key, FastWorldModel(model, precision))
+    return hit[1]
