@@ -4,7 +4,6 @@ literal transcription of TD-MPC2's loops, gradient isolation, overfitting, resum
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -245,11 +244,9 @@ def test_overfits_tiny_dataset(tiny_cfg, tmp_path):
     cfg = TrainConfig(batch_size=64, steps=300, lr=1e-3)
     learner = build_learner(tiny_cfg, cfg)
     sampler = SequenceSampler(ds, 64, 3, seed=0, task_map=np.arange(3))
-    t0 = time.perf_counter()
     first = learner.update(sampler.sample())
     for _ in range(cfg.steps):
         last = learner.update(sampler.sample())
-    assert time.perf_counter() - t0 < 30
     assert last["reward_loss"] < 0.4 * first["reward_loss"], (first, last)
     assert last["value_loss"] < 0.5 * first["value_loss"], (first, last)
     assert last["consistency_loss"] < first["consistency_loss"]
