@@ -7,7 +7,7 @@ from tdmpc_opt import load_agent
 from tdmpc_opt.agent import Agent
 from tdmpc_opt.config import PlannerConfig
 from tdmpc_opt.errors import InputError, TaskError
-from tdmpc_opt.planner import draw_noise, plan, plan_literal
+from tdmpc_opt.planner import draw_noise, plan
 from tdmpc_opt.world_model import WorldModel
 
 
@@ -37,29 +37,6 @@ def test_warm_start_uses_the_previous_plan(tiny_cfg, tiny_planner):
     cold, _ = plan(*args, prev, torch.tensor([True]), True, noise, torch.tensor([0.99]))
     warm, _ = plan(*args, prev, torch.tensor([False]), True, noise, torch.tensor([0.99]))
     assert not torch.equal(cold, warm)
-
-
-@pytest.mark.parametrize("single", [False, True])
-def test_batched_planner_equals_literal(tiny_cfg, tiny_single_cfg, tiny_planner, single):
-    cfg = tiny_single_cfg if single else tiny_cfg
-    model = WorldModel(cfg).eval()  # eval mode: no Q dropout
-    torch.nn.init.normal_(model._reward[-1].weight, std=0.5)  # non-trivial values
-    torch.nn.init.normal_(model._Qs.params[-1].weight, std=0.5)
-    b = 3
-    obs = torch.randn(b, cfg.obs_dim)
-    task = None if single else torch.tensor([0, 1, 2])
-    gens = [torch.Generator().manual_seed(i) for i in range(b)]
-    noise = draw_noise(tiny_planner, cfg.action_dim, cfg.num_q, b, gens)
-    prev = torch.rand(b, tiny_planner.horizon, cfg.action_dim) * 2 - 1
-    t0 = torch.tensor([True, False, False])
-    z = torch.cat([model.encode(obs[i:i + 1], None if task is None else task[i:i + 1])
-                   for i in range(b)])
-    act, mean = plan(model, tiny_planner, z, task, prev, t0, False, noise, torch.full((b,), .99))
-    for i in range(b):
-        a_ref, m_ref = plan_literal(model, tiny_planner, obs[i], None if single else i, prev[i],
-                                    bool(t0[i]), False, noise[i], 0.99)
-        assert torch.allclose(act[i], a_ref, atol=1e-5)
-        assert torch.allclose(mean[i], m_ref, atol=1e-5)
 
 
 def test_policy_mode(tiny_cfg):
