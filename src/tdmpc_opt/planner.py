@@ -151,6 +151,12 @@ def plan_literal(model: WorldModel, cfg: PlannerConfig, obs: torch.Tensor,
 
 
 # ------------------------------------------------------------------------ batched MPPI
+CPU_ROWS = 4096
+"""On a CPU, :func:`plan` takes elements in chunks of at most this many sampled sequences:
+larger activations fall out of the caches and make every elementwise pass memory-bound
+(results are the same either way: elements never interact)."""
+
+
 @dataclass
 class _StepState:
     """What the MPPI iterations of one planning step share (``B`` elements).
@@ -300,6 +306,20 @@ def plan(model: WorldModel | FastWorldModel, cfg: PlannerConfig, z0: torch.Tenso
         ``(action [B, A], mean [B, H, A])``.
     """
     fm = model if isinstance(model, FastWorldModel) else fast_view(model, precision)
+    b = z0.shape[0]
+    chunk = max(1, CPU_ROWS // cfg.num_samples)
+    if z0.device.type == "cpu" and b > chunk:  # keep each chunk's activations in cache
+        parts = [_plan(fm, cfg, z0[i:i + chunk], None if task is None else task[i:i + chunk],
+                       prev_mean[i:i + chunk], t0[i:i + chunk], eval_mode, noise[i:i + chunk],
+                       discount[i:i + chunk]) for i in range(0, b, chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return _plan(fm, cfg, z0, task, prev_mean, t0, eval_mode, noise, discount)
+
+
+def _plan(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.Tensor | None,
+          prev_mean: torch.Tensor, t0: torch.Tensor, eval_mode: bool, noise: PlanNoise,
+          discount: torch.Tensor):
+    """:func:`plan` for one chunk of elements."""
     b, a_dim, h = z0.shape[0], fm.cfg.action_dim, cfg.horizon
     prepare = fm.compiled("prepare", _prepare) if fm.compile else _prepare
     st = prepare(fm, cfg, z0, task, noise, discount)

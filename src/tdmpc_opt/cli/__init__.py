@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tdmpc-opt`` console script."""
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated.*")
+    # dm_control probes GLFW at import and warns when there is no display; rendering uses EGL
+    warnings.filterwarnings("ignore", category=UserWarning, module="glfw")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
