@@ -151,7 +151,7 @@ def plan_literal(model: WorldModel, cfg: PlannerConfig, obs: torch.Tensor,
 
 
 # ------------------------------------------------------------------------ batched MPPI
-CPU_ROWS = 4096
+CPU_ROWS = 1024
 """On a CPU, :func:`plan` takes elements in chunks of at most this many sampled sequences:
 larger activations fall out of the caches and make every elementwise pass memory-bound
 (results are the same either way: elements never interact)."""
