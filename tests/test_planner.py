@@ -113,6 +113,17 @@ def test_an_element_plans_the_same_alone_or_in_a_batch(tiny_single_cfg, precisio
         assert torch.equal(a1[0], act[i]) and torch.equal(m1[0], mean[i])
 
 
+def test_chunked_batches_plan_the_same(tiny_cfg, monkeypatch):
+    from tdmpc_opt import planner
+
+    model = _model(tiny_cfg)
+    _, z, task, prev, t0, noise, gamma = _inputs(model, SMALL, [0, 1, 2, 0, 1], [True] * 5)
+    whole = plan(model, SMALL, z, task, prev, t0, False, noise, gamma)
+    monkeypatch.setattr(planner, "CPU_ROWS", SMALL.num_samples)  # one element per chunk
+    parts = plan(model, SMALL, z, task, prev, t0, False, noise, gamma)
+    assert all(torch.equal(a, b) for a, b in zip(whole, parts, strict=True))
+
+
 # ---------------------------------------------------------------------- Q selection
 @torch.no_grad()
 def test_q_pair_paths_agree(tiny_single_cfg):

@@ -152,9 +152,10 @@ def plan_literal(model: WorldModel, cfg: PlannerConfig, obs: torch.Tensor,
 
 # ------------------------------------------------------------------------ batched MPPI
 CPU_ROWS = 1024
-"""On a CPU, :func:`plan` takes elements in chunks of at most this many sampled sequences:
-larger activations fall out of the caches and make every elementwise pass memory-bound
-(results are the same either way: elements never interact)."""
+"""On a CPU, :func:`plan` takes elements in chunks of at most this many sampled sequences per
+thread: larger activations fall out of a core's L2 cache and make every elementwise pass
+memory-bound (measured: 1.4x slower per environment at 4096 rows on one core). Results are
+the same either way: elements never interact."""
 
 
 @dataclass
@@ -307,7 +308,7 @@ def plan(model: WorldModel | FastWorldModel, cfg: PlannerConfig, z0: torch.Tenso
     """
     fm = model if isinstance(model, FastWorldModel) else fast_view(model, precision)
     b = z0.shape[0]
-    chunk = max(1, CPU_ROWS // cfg.num_samples)
+    chunk = max(1, CPU_ROWS * torch.get_num_threads() // cfg.num_samples)
     if z0.device.type == "cpu" and b > chunk:  # keep each chunk's activations in cache
         parts = [_plan(fm, cfg, z0[i:i + chunk], None if task is None else task[i:i + chunk],
                        prev_mean[i:i + chunk], t0[i:i + chunk], eval_mode, noise[i:i + chunk],
