@@ -180,6 +180,22 @@ def test_calibrate_data_cli(tiny_file, tmp_path, capsys):
     assert "no calibration data" in capsys.readouterr().err
 
 
+def test_calibrate_data_from_dataset_folder(tiny_model, tmp_path):
+    from tdmpc_opt.cli.quantize import load_calibration
+    from tdmpc_opt.data import DatasetWriter
+
+    cfg = tiny_model.cfg
+    tasks = ("pendulum-swingup", "walker-walk")  # another order than the model's
+    w = DatasetWriter(tmp_path / "ds", tasks, cfg.obs_dim, cfg.action_dim)
+    w.add_episodes(np.random.randn(2, 5, cfg.obs_dim).astype(np.float32),
+                   np.zeros((2, 5, cfg.action_dim), np.float32), np.zeros((2, 5), np.float32),
+                   np.array([0, 1]))
+    w.close()
+    obs, task = load_calibration(str(tmp_path / "ds"), cfg, rows=100)
+    assert obs.shape == (10, cfg.obs_dim)
+    assert task.tolist() == [cfg.tasks.index("pendulum-swingup")] * 5 + [0] * 5
+
+
 # ------------------------------------------------------------------------------ bad input
 def test_refuses_already_quantized_and_unknown_formats(tiny_file, tmp_path, capsys):
     q = tmp_path / "q.safetensors"

@@ -1,11 +1,11 @@
 """Quantize a float checkpoint after training: fp16, bf16, int8 or int8-dynamic.
 
 int8 stores linear weights as int8 with one float scale per output channel (LayerNorm
-parameters, biases and the reward/Q/policy output layers stay float16; see
-docs/quantization.md). int8-dynamic is the same file, run with int8 activations when loaded
-with tdmpc_opt.quantization.load_fast_agent. Target Q-networks are dropped (inference never
-uses them) unless --keep-target-q. Output: tdmpc-opt safetensors, loadable like any
-checkpoint (load_agent dequantizes to float32).
+parameters, biases, the task embedding, the encoder and the reward/Q/policy output layers
+stay float16; see docs/quantization.md). int8-dynamic is the same file, planned with int8
+activations when loaded with tdmpc_opt.quantization.load_fast_agent. Target Q-networks are
+dropped (inference never uses them) unless --keep-target-q. Output: tdmpc-opt safetensors,
+loadable like any checkpoint (load_agent dequantizes to float32).
 
 Examples:
   tdmpc-opt quantize --checkpoint ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt \\
