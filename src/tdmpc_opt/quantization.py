@@ -239,38 +239,14 @@ def load_fast_agent(path: str | Path, runtime: str = "auto", planner=None, **kwa
     return with_precision(load_agent(path, planner=planner, **kwargs), runtime)
 
 
-class PrecisionAgent(Agent):
-    """An :class:`~tdmpc_opt.agent.Agent` whose planner computes in ``precision`` (``fp32``,
-    ``bf16`` or ``int8``; the encoder stays float32). Build with :func:`with_precision`."""
-
-    precision: str = "fp32"
-
-    @torch.no_grad()
-    def step(self, x, tid, prev_mean, t0, eval_mode: bool = True, generators=None):
-        """As ``Agent.step``, planning in ``self.precision``."""
-        if not self.planner.mpc or self.precision == "fp32":
-            return super().step(x, tid, prev_mean, t0, eval_mode, generators)
-        from tdmpc_opt.planner import draw_noise, plan
-
-        b = x.shape[0]
-        z = self._rowwise(self.model.encode, x, tid)
-        noise = draw_noise(self.planner, self.cfg.action_dim, self.cfg.num_q, b,
-                           generators).to(self.device)
-        gamma = self.discounts[tid] if tid is not None else self.discounts[:1].expand(b)
-        action, mean = plan(self.model, self.planner, z, tid, prev_mean, t0.to(self.device),
-                            eval_mode, noise, gamma, self.precision)
-        return action.cpu(), mean
-
-
-def with_precision(agent: Agent, precision: str) -> PrecisionAgent:
-    """A :class:`PrecisionAgent` sharing ``agent``'s model, planner settings and info."""
+def with_precision(agent: Agent, precision: str) -> Agent:
+    """An :class:`~tdmpc_opt.agent.Agent` sharing ``agent``'s model, planner settings and info,
+    planning in ``precision`` (the encoder stays float32)."""
     if precision not in RUNTIMES[1:]:
         raise QuantizationError(f"unknown precision {precision!r}; choose one of "
                                 f"{RUNTIMES[1:]}")
-    fast = PrecisionAgent(agent.model, agent.planner, agent.device,
-                          dict(agent.info, runtime=precision))
-    fast.precision = precision
-    return fast
+    return Agent(agent.model, agent.planner, agent.device, dict(agent.info, runtime=precision),
+                 precision)
 
 
 # ---------------------------------------------------------------------------- file level
