@@ -106,3 +106,24 @@ def test_checkpoint_for_other_tasks_is_refused(tmp_path, capsys, tiny_single_cfg
     assert main(["eval", "--checkpoint", str(tmp_path / "w.safetensors"),
                  "--tasks", "walker-walk,cheetah-run"]) == 2
     assert "single-task checkpoint" in capsys.readouterr().err
+
+
+def test_eval_video_writes_one_playable_mp4_per_task(tmp_path, tiny_cfg):
+    pytest.importorskip("imageio_ffmpeg")
+    from tdmpc_opt.checkpoints import save_checkpoint
+
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, WorldModel(tiny_cfg))
+    out = tmp_path / "videos"
+    assert main(["eval", "--checkpoint", str(ckpt), "--tasks", "cartpole-balance,walker-walk",
+                 "--episodes", "2", "--max-steps", "6", "--video", str(out), "--quiet",
+                 "--json", str(tmp_path / "r.json"), "num_samples=32", "num_elites=8",
+                 "iterations=1"]) == 0
+    import imageio.v2 as imageio
+
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["cartpole-balance.mp4", "walker-walk.mp4"]
+    for name in files:
+        frames = imageio.mimread(out / name)
+        assert len(frames) == 7 and frames[0].ndim == 3  # reset + 6 steps, one episode
+        assert frames[0].std() > 0  # a rendered scene, not a blank image

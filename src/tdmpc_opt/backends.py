@@ -182,17 +182,18 @@ def _longest_first(chunks: list[list[EpisodeSpec]], max_steps: int | None) -> li
 
 # ------------------------------------------------------------------------- worker side
 def cached_agent(path: str, planner: PlannerConfig, device: str = "cpu"):
-    """``load_agent(path, device, planner=planner)``, reusing the last one loaded here.
+    """The file's agent, planning in the runtime the file asks for (see
+    :func:`~tdmpc_opt.quantization.load_fast_agent`), reusing the last one loaded here.
 
     One agent is kept per process, keyed by the file's path, size and modification time.
     """
-    from tdmpc_opt.agent import load_agent
+    from tdmpc_opt.quantization import load_fast_agent
 
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, planner, device)
     if key not in _AGENT_CACHE:
         _AGENT_CACHE.clear()
-        _AGENT_CACHE[key] = load_agent(path, device=device, planner=planner)
+        _AGENT_CACHE[key] = load_fast_agent(path, planner=planner, device=device)
     return _AGENT_CACHE[key]
 
 

@@ -85,7 +85,8 @@ def check_tasks(agent, tasks: tuple[str, ...]) -> None:
 def _identity(args, agent, planner) -> dict:
     from tdmpc_opt.config import config_to_dict
 
-    return {"checkpoint_sha256": agent.info.get("sha256"), "seed": args.seed,
+    return {"checkpoint_sha256": agent.info.get("sha256"), "runtime": agent.precision,
+            "seed": args.seed,
             "max_steps": args.max_steps, "planner": config_to_dict(planner)}
 
 
@@ -111,7 +112,6 @@ def _load_finished(path: Path, identity: dict) -> dict:
 def run(args) -> int:
     import torch
 
-    from tdmpc_opt.agent import load_agent
     from tdmpc_opt.cli._common import write_json
     from tdmpc_opt.config import PlannerConfig, apply_overrides
     from tdmpc_opt.evaluation import episode_specs, result_to_dict, summarize
@@ -122,7 +122,10 @@ def run(args) -> int:
     if args.threads and in_process:
         torch.set_num_threads(args.threads)
     planner = apply_overrides(PlannerConfig(mpc=args.planner == "mppi"), args.overrides)
-    agent = load_agent(args.checkpoint, device=args.device, planner=planner)
+    from tdmpc_opt.quantization import load_fast_agent
+
+    # an int8-dynamic or bf16 file plans in that precision, as it would when deployed
+    agent = load_fast_agent(args.checkpoint, planner=planner, device=args.device)
     tasks = resolve_tasks(args.tasks) if args.tasks else agent.cfg.tasks
     if not tasks:
         from tdmpc_opt.errors import TaskError
