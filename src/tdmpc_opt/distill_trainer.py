@@ -3,6 +3,10 @@
 Teacher targets come either from the live teacher (one frozen forward pass per batch) or from a
 :class:`~tdmpc_opt.teacher_cache.TeacherCache` looked up by the sampled dataset rows; both give
 the same numbers, so a cached run equals a live one.
+
+Under torchrun each rank samples its own share of the batch (as ``train offline``) and the
+latent projection's gradients are averaged over ranks like the student's; rank 0 builds a
+missing teacher cache while the others wait.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tdmpc_opt import distributed
 from tdmpc_opt.distillation import DistillConfig, Distiller, teacher_targets
 from tdmpc_opt.replay import SequenceSampler
 from tdmpc_opt.teacher_cache import TeacherCache, build_cache
@@ -48,10 +53,13 @@ class DistillHook:
         return teacher_targets(self.teacher, batch.obs[:-1], batch.action, batch.task, latent)
 
     def __call__(self, batch: Batch, ro: Rollout):
-        self.distiller.after_update()
+        self.finish()
         return self.distiller.losses(batch, ro, self.targets(batch))
 
     def finish(self) -> None:
+        """Step the latent projection with its gradients averaged over ranks."""
+        if self.distiller.projection is not None:
+            distributed.all_reduce_grads(self.distiller.projection.parameters())
         self.distiller.after_update()
 
 
@@ -86,13 +94,22 @@ def distill_offline(learner: TDMPC2Learner, teacher: WorldModel, teacher_sha256:
     Returns the metrics of the last update (``distill_*_loss`` included).
     """
     cfg = learner.cfg
-    sampler = RowSampler(dataset, cfg.batch_size, cfg.horizon, seed=cfg.seed,
-                         device=learner.device, task_map=task_map)
+    sampler = RowSampler(dataset, distributed.local_batch(cfg.batch_size), cfg.horizon,
+                         seed=distributed.rank_seed(cfg.seed), device=learner.device,
+                         task_map=task_map)
     cache = None
     if cache_dir is not None:
-        cache = prepare_cache(teacher, teacher_sha256, dataset, task_map, Path(cache_dir),
-                              dcfg.needs_latent, progress)
+        def open_cache():
+            return prepare_cache(teacher, teacher_sha256, dataset, task_map, Path(cache_dir),
+                                 dcfg.needs_latent, progress and distributed.is_main())
+
+        cache = open_cache() if distributed.is_main() else None
+        distributed.barrier()  # the others open rank 0's cache (or build their own copy)
+        if cache is None:
+            cache = open_cache()
     distiller = Distiller(learner.model, dcfg, cfg.rho, teacher.cfg.latent_dim)
+    if distiller.projection is not None:
+        distributed.broadcast_module(distiller.projection)
     hook = DistillHook(distiller, teacher, cache, sampler)
     present = tuple(t for t in learner.model.cfg.tasks if t in dataset.tasks)
 

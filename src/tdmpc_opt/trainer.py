@@ -5,6 +5,10 @@ resume a killed run from its newest valid checkpoint with the same result as an 
 run: checkpoints hold the model, both optimizers, the running scale, the step counter, the
 sampler's and torch's random states (and, online, the replay buffer and environment seeds).
 
+Offline training also runs under ``torchrun`` (:mod:`tdmpc_opt.distributed`): rank 0 alone
+evaluates and writes the run directory; its checkpoints also hold every rank's sampler and torch
+random states, and a resumed run hands each rank its own.
+
 >>> learner = build_learner(model_cfg, TrainConfig(steps=10_000))
 >>> train_offline(learner, SequenceSampler(Dataset("data/mt30"), 256, 3), RunDir("runs/a"))
 """
@@ -20,9 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tdmpc_opt import distributed
 from tdmpc_opt.config import ModelConfig, PlannerConfig, config_to_dict
 from tdmpc_opt.replay import ReplayBuffer, SequenceSampler
-from tdmpc_opt.runs import RunDir, check_finite, check_same_model, plot_curves
+from tdmpc_opt.runs import RunDir, RunError, check_finite, check_same_model, plot_curves
 from tdmpc_opt.training import ExtraLosses, TDMPC2Learner, TrainConfig
 from tdmpc_opt.world_model import WorldModel
 
@@ -89,54 +94,87 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
         evaluate: called every ``eval_freq`` updates; its metrics go to ``eval.csv``.
         resume: continue from the run's newest valid checkpoint, if any.
         config: resolved configuration written to ``config.json``.
+
+    Under torchrun every rank calls this with the same arguments except the sampler, which
+    draws the rank's ``batch_size / world_size`` rows with its own seed
+    (:func:`~tdmpc_opt.distributed.local_batch`, :func:`~tdmpc_opt.distributed.rank_seed`);
+    only rank 0 evaluates, shows progress and writes to ``run``.
+
     Returns:
-        The metrics of the last update.
+        The metrics of the last update (means over ranks).
     Raises:
         TrainingDiverged: a loss became NaN/Inf (names the step and last good checkpoint).
         RunError: a checkpoint could not be written (the previous one is kept).
     """
-    cfg = learner.cfg
+    cfg, main = learner.cfg, distributed.is_main()
+    writer = run if main else None  # the only rank that writes
     if resume and run is not None:
         check_same_model(run, config)
     start = _restore(run, learner, sampler) if resume and run else 0
-    if run is not None and config is not None:
-        run.write_config(config)
+    if start == 0 and distributed.is_active():  # same start, then each rank its own noise
+        distributed.broadcast_module(learner.model)
+        torch.manual_seed(distributed.rank_seed(cfg.seed))
+    if writer is not None and config is not None:
+        writer.write_config(config)
     metrics: dict[str, float] = {}
-    t0, bar = time.perf_counter(), _progress(cfg.steps, start, progress, "train")
+    t0, bar = time.perf_counter(), _progress(cfg.steps, start, progress and main, "train")
     for i in range(start + 1, cfg.steps + 1):
         metrics = learner.update(sampler.sample(), extra_losses)
         check_finite(metrics, i, run)
         bar.update(1)
         if i % cfg.log_freq == 0 or i == cfg.steps:
             _show(bar, metrics)
-            if run is not None:
-                run.log("train", i, {**metrics, "elapsed_s": time.perf_counter() - t0})
-        if evaluate is not None and cfg.eval_freq and i % cfg.eval_freq == 0:
+            if writer is not None:
+                writer.log("train", i, {**metrics, "elapsed_s": time.perf_counter() - t0})
+        if main and evaluate is not None and cfg.eval_freq and i % cfg.eval_freq == 0:
             result = evaluate(learner.model)
-            if run is not None:
-                run.log("eval", i, result)
+            if writer is not None:
+                writer.log("eval", i, result)
         if run is not None and (i % cfg.checkpoint_freq == 0 or i == cfg.steps):
-            run.save_checkpoint(i, _state(learner, sampler))
-            _save_model(run, learner, i)
+            state = _state(learner, sampler)  # collective under torchrun
+            if writer is not None:
+                writer.save_checkpoint(i, state)
+                _save_model(writer, learner, i)
     bar.close()
+    distributed.barrier()  # rank 0's last checkpoint is written when every rank returns
     return metrics
 
 
 def _state(learner: TDMPC2Learner, sampler: SequenceSampler, **extra) -> dict:
-    return {"learner": learner.state_dict(), "sampler": sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(), "step": learner.step, **extra}
+    state = {"learner": learner.state_dict(), "sampler": sampler.state_dict(),
+             "torch_rng": torch.get_rng_state(), "step": learner.step, **extra}
+    if distributed.is_active():  # every rank's own random states, in rank order
+        state["ranks"] = distributed.all_gather_object(
+            {"sampler": state["sampler"], "torch_rng": state["torch_rng"]})
+    return state
+
+
+def _rank_state(state: dict) -> dict:
+    """This rank's sampler and torch random states in a checkpoint."""
+    ranks, world = state.get("ranks"), distributed.world_size()
+    written = len(ranks) if ranks else 1
+    if written != world:
+        raise RunError(f"the checkpoint of step {state['step']} was written by {written} "
+                       f"process(es), this run has {world}: resume with {written}")
+    return ranks[distributed.rank()] if ranks else state
 
 
 def _restore(run: RunDir, learner: TDMPC2Learner, sampler: SequenceSampler) -> int:
-    """Load the newest valid checkpoint; returns its step (0 when there is none)."""
-    found = run.latest_checkpoint()
+    """Load the newest valid checkpoint; returns its step (0 when there is none).
+
+    Under torchrun rank 0 reads it and sends it to the others (no shared filesystem needed).
+    """
+    found = distributed.broadcast_object(run.latest_checkpoint() if distributed.is_main()
+                                         else None)
     if found is None:
         return 0
     _, state = found
+    own = _rank_state(state)
     learner.load_state_dict(state["learner"])
-    sampler.load_state_dict(state["sampler"])
-    torch.set_rng_state(state["torch_rng"])
-    run.truncate_metrics(int(state["step"]))
+    sampler.load_state_dict(own["sampler"])
+    torch.set_rng_state(own["torch_rng"])
+    if distributed.is_main():
+        run.truncate_metrics(int(state["step"]))
     return int(state["step"])
 
 

@@ -13,6 +13,11 @@ One update (:meth:`TDMPC2Learner.update`) on a batch of ``B`` subsequences of ``
    average of two random Q members (Q parameters get no gradient) plus scaled entropy.
 6. Polyak update of the target Q-networks.
 
+Under ``torchrun`` (see :mod:`tdmpc_opt.distributed`) each rank updates on its own share of the
+batch: gradients are averaged before clipping, the running scale sees the whole global batch,
+task embeddings are renormalised for every rank's tasks and the metrics are means over ranks,
+so all ranks keep identical parameters, optimizer states and scale.
+
 Loss terms are small functions over tensors so that other objectives (distillation) can add
 terms through the ``extra_losses`` hook without touching the update.
 """
@@ -26,6 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from tdmpc_opt import distributed
 from tdmpc_opt import math as tm
 from tdmpc_opt.config import ModelConfig
 from tdmpc_opt.errors import ConfigError
@@ -248,6 +254,10 @@ class TDMPC2Learner:
         self.optim = torch.optim.Adam(groups, lr=lr)
         self.pi_optim = torch.optim.Adam(m._pi.parameters(), lr=lr, eps=1e-5)
         self._model_params = [p for g in groups for p in g["params"]]
+        # what the policy loss reaches: the policy, and the task embeddings (their gradient
+        # waits for the next model step, so it must be the same on every rank)
+        self._pi_params = list(m._pi.parameters()) + (
+            list(m._task_emb.parameters()) if m.cfg.multitask else [])
         self.scale = RunningScale(cfg.tau, self.device)
         self.nets = FusedNets(model) if cfg.fused else ModelNets(model)
         lengths = m.cfg.episode_lengths or (500,)
@@ -333,10 +343,11 @@ class TDMPC2Learner:
         out = self.nets.pi(zs, task_h)
         members = torch.randperm(self.model.cfg.num_q, device=zs.device)[:2]
         q = self.detached_q(zs, out.action, task_h, members)
-        self.scale.update(q[0])
+        self.scale.update(distributed.gather_rows(q[0]))
         loss = policy_loss(self.scale(q), out.scaled_entropy, self.cfg.rho,
                            self.cfg.entropy_coef)
         loss.backward()
+        distributed.all_reduce_grads(self._pi_params)
         norm = torch.nn.utils.clip_grad_norm_(self.model._pi.parameters(),
                                               self.cfg.grad_clip_norm)
         self.pi_optim.step()
@@ -355,7 +366,10 @@ class TDMPC2Learner:
         ``extra_losses(batch, rollout)`` may return ``{name: (coef, loss)}`` terms that are
         added to the model loss as ``coef * loss`` and logged as ``<name>_loss``.
         """
-        self.renorm_task_embeddings(batch.task)
+        tasks = batch.task
+        if tasks is not None and self.model.cfg.multitask:
+            tasks = distributed.union_ids(tasks, self.model.cfg.num_tasks)
+        self.renorm_task_embeddings(tasks)
         ro = self.rollout(batch)
         losses = self.model_losses(batch, ro)
         coefs = self.loss_coefs()
@@ -365,16 +379,20 @@ class TDMPC2Learner:
                 losses[name] = value
                 total = total + coef * value
         total.backward()
+        distributed.all_reduce_grads(self._model_params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self._model_params, self.cfg.grad_clip_norm)
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
-        self.renorm_task_embeddings(batch.task)
+        self.renorm_task_embeddings(tasks)
         info = self.update_pi(ro.zs.detach(), batch.task)
         self.model.soft_update_target_q(self.cfg.tau)
         self.model.eval()
         self.step += 1
         info.update({f"{k}_loss": v.detach() for k, v in losses.items()})
         info.update(total_loss=total.detach(), grad_norm=grad_norm)
+        if distributed.is_active():  # means over ranks: the global batch's losses
+            mean = distributed.average(torch.stack([v.float() for v in info.values()]))
+            info = dict(zip(info, mean, strict=True))
         return {k: float(v) for k, v in info.items()}
 
     # ------------------------------------------------------------------ state

@@ -6,6 +6,7 @@ trains the same student without a teacher), the other --*-coef options add our t
 With --cache-teacher the teacher's targets for every dataset row are computed once into a
 memory-mapped cache (reused when it matches teacher and dataset) and training never runs the
 teacher. Without a dataset, --collect N first rolls the teacher out for N episodes per task.
+Under torchrun it trains on several GPUs or nodes like `train --data` (see docs/scaling.md).
 
 Examples:
   tdmpc-opt distill --teacher ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt \\
@@ -87,30 +88,46 @@ def _collect(args, teacher_path: Path, run_dir) -> Path:
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from tdmpc_opt.agent import resolve_device
-    from tdmpc_opt.checkpoints import load_world_model
-    from tdmpc_opt.cli.train import _check_fresh, _model_config, split_overrides
+    from tdmpc_opt import distributed
+    from tdmpc_opt.cli.train import split_overrides, start_processes
     from tdmpc_opt.config import PlannerConfig, apply_overrides
-    from tdmpc_opt.data import Dataset
-    from tdmpc_opt.distill_trainer import distill_offline
-    from tdmpc_opt.distillation import check_compatible
-    from tdmpc_opt.runs import RunDir
-    from tdmpc_opt.trainer import build_learner, run_config, set_threads
     from tdmpc_opt.training import TrainConfig
 
     dcfg = _distill_config(args)
     t_items, m_items, p_items = split_overrides(args.overrides)
     cfg = apply_overrides(TrainConfig(), t_items)
     planner = apply_overrides(PlannerConfig(horizon=cfg.horizon), p_items)
-    set_threads(cfg.threads)
-    device = resolve_device(args.device)
+    device, env = start_processes(cfg, args.device)
+    try:
+        return _run(args, dcfg, cfg, planner, m_items, device)
+    finally:
+        if env is not None:
+            distributed.destroy()
+
+
+def _run(args, dcfg, cfg, planner, m_items, device) -> int:
+    import numpy as np
+
+    from tdmpc_opt import distributed
+    from tdmpc_opt.checkpoints import load_world_model
+    from tdmpc_opt.cli.train import _check_fresh, _model_config, processes_config, processes_note
+    from tdmpc_opt.data import Dataset
+    from tdmpc_opt.distill_trainer import distill_offline
+    from tdmpc_opt.distillation import check_compatible
+    from tdmpc_opt.runs import RunDir
+    from tdmpc_opt.trainer import build_learner, run_config
+
+    main = distributed.is_main()
     teacher, info = load_world_model(args.teacher, device)
     teacher.requires_grad_(False)
     run_dir = RunDir(args.run_dir or f"runs/distill-s{cfg.seed}", keep=cfg.keep_checkpoints)
     _check_fresh(run_dir, args.resume)
-    data = Path(args.data) if args.data else _collect(args, Path(args.teacher), run_dir)
+    data = Path(args.data) if args.data else None
+    if data is None:  # rank 0 collects; the others then find its data (or collect the same)
+        data = _collect(args, Path(args.teacher), run_dir) if main else None
+        distributed.barrier()
+        if data is None:
+            data = _collect(args, Path(args.teacher), run_dir)
     dataset = Dataset(data)
     student_cfg = _model_config(teacher.cfg.tasks, args.student_size, m_items)
     learner = build_learner(student_cfg, cfg, device)
@@ -130,12 +147,15 @@ def run(args) -> int:
     config = run_config(learner, planner=planner.__dict__, distill=dcfg.__dict__,
                         teacher=str(args.teacher), teacher_sha256=info["sha256"],
                         student_size=args.student_size, data=str(data),
-                        cache=str(cache_dir) if cache_dir else None)
-    print(f"run directory: {run_dir.path}  (student {learner.model.learnable_parameters():,} "
-          f"parameters, teacher {sum(p.numel() for p in teacher.parameters()):,} with targets)")
+                        cache=str(cache_dir) if cache_dir else None, **processes_config())
+    if main:
+        print(f"run directory: {run_dir.path}  (student {learner.model.learnable_parameters():,}"
+              f" parameters, teacher {sum(p.numel() for p in teacher.parameters()):,} with "
+              f"targets{processes_note()})")
     last = distill_offline(learner, teacher, info["sha256"], dataset, task_map, dcfg, run_dir,
                            planner=planner, cache_dir=cache_dir, resume=args.resume,
                            progress=not args.quiet, config=config)
     shown = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("distill"))
-    print(f"done: {run_dir.path / 'model.safetensors'}  {shown}")
+    if main:
+        print(f"done: {run_dir.path / 'model.safetensors'}  {shown}")
     return 0

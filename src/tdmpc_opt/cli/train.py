@@ -6,11 +6,16 @@ such as iterations, num_samples). A run directory holds config.json, train/eval 
 checkpoints and model.safetensors; --resume continues a killed run where its last checkpoint
 left off, with the same result as an uninterrupted run.
 
+Offline training runs on several GPUs or nodes when started by torchrun (one process per GPU,
+the batch split evenly among them; see docs/scaling.md).
+
 Examples:
   tdmpc-opt data convert datasets/mt30 --out data/mt30
   tdmpc-opt train --data data/mt30 --tasks mt30 --model-size 1 steps=1000000
   tdmpc-opt train --task cartpole-balance --online steps=100000 eval_freq=5000
   tdmpc-opt train --task cartpole-balance --online steps=100000 --run-dir runs/cp --resume
+  torchrun --nproc_per_node 4 -m tdmpc_opt.cli train --data data/mt30 --model-size 5 \\
+      batch_size=1024
 """
 
 from __future__ import annotations
@@ -66,12 +71,32 @@ def _model_config(tasks: tuple[str, ...], size: int | None, items: list[str]):
     return apply_overrides(model_config_for(tuple(tasks), size), items)
 
 
-def run(args) -> int:
+def start_processes(cfg, device_name: str, offline: bool = True):
+    """Threads and device of this process; under torchrun also joins the process group.
+
+    Returns ``(device, env)`` with ``env`` None in a plain single process. Refuses, before
+    anything is loaded, what cannot run on several processes.
+    """
+    from tdmpc_opt import distributed
     from tdmpc_opt.agent import resolve_device
+    from tdmpc_opt.errors import ConfigError
+    from tdmpc_opt.trainer import set_threads
+
+    env = distributed.detect()
+    if env is not None:
+        if not offline:
+            raise ConfigError("torchrun runs offline training (--data) only; online training "
+                              "is a single process")
+        distributed.local_batch(cfg.batch_size, env.world_size)
+    set_threads(cfg.threads or (distributed.cpu_share(env) if env else 0))
+    device = resolve_device(device_name)
+    return (device if env is None else distributed.init(env, device)), env
+
+
+def run(args) -> int:
+    from tdmpc_opt import distributed
     from tdmpc_opt.config import PlannerConfig, apply_overrides
     from tdmpc_opt.errors import ConfigError
-    from tdmpc_opt.runs import RunDir
-    from tdmpc_opt.trainer import build_learner, run_config, set_threads
     from tdmpc_opt.training import TrainConfig
 
     t_items, m_items, p_items = split_overrides(args.overrides)
@@ -79,8 +104,20 @@ def run(args) -> int:
     planner = apply_overrides(PlannerConfig(horizon=cfg.horizon), p_items)
     if args.online != bool(args.task):
         raise ConfigError("online training needs --task NAME --online; offline needs --data DIR")
-    set_threads(cfg.threads)
-    device = resolve_device(args.device)
+    device, env = start_processes(cfg, args.device, offline=not args.online)
+    try:
+        return _run(args, cfg, planner, m_items, device)
+    finally:
+        if env is not None:
+            distributed.destroy()
+
+
+def _run(args, cfg, planner, m_items, device) -> int:
+    from tdmpc_opt import distributed
+    from tdmpc_opt.runs import RunDir
+    from tdmpc_opt.trainer import build_learner, run_config
+
+    main = distributed.is_main()
     if args.online:
         from tdmpc_opt.tasks import get_task
 
@@ -95,9 +132,10 @@ def run(args) -> int:
     learner = build_learner(model_cfg, cfg, device)
     config = run_config(learner, planner=dataclasses.asdict(planner), model_size=args.model_size,
                         mode="online" if args.online else "offline",
-                        data=args.data, task=args.task)
-    print(f"run directory: {run_dir.path}  ({learner.model.learnable_parameters():,} "
-          f"parameters, {learner.device})")
+                        data=args.data, task=args.task, **processes_config())
+    if main:
+        print(f"run directory: {run_dir.path}  ({learner.model.learnable_parameters():,} "
+              f"parameters, {learner.device}{processes_note()})")
     if args.online:
         from tdmpc_opt.trainer import OnlineTrainer
 
@@ -106,8 +144,23 @@ def run(args) -> int:
     else:
         last = _train_offline(args, learner, dataset, run_dir, planner, config)
     shown = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.endswith("_loss"))
-    print(f"done: {run_dir.path / 'model.safetensors'}  {shown}")
+    if main:
+        print(f"done: {run_dir.path / 'model.safetensors'}  {shown}")
     return 0
+
+
+def processes_config() -> dict:
+    """``{"distributed": {world_size, backend}}`` for config.json under torchrun, else {}."""
+    from tdmpc_opt import distributed
+
+    return {"distributed": distributed.describe()} if distributed.is_active() else {}
+
+
+def processes_note() -> str:
+    """``", 4 processes"`` under torchrun, else empty (for the first printed line)."""
+    from tdmpc_opt import distributed
+
+    return f", {distributed.world_size()} processes" if distributed.is_active() else ""
 
 
 def _offline_tasks(args):
@@ -130,6 +183,7 @@ def _check_fresh(run_dir, resume: bool) -> None:
 def _train_offline(args, learner, dataset, run_dir, planner, config):
     import numpy as np
 
+    from tdmpc_opt import distributed
     from tdmpc_opt.errors import DataError
     from tdmpc_opt.replay import SequenceSampler
     from tdmpc_opt.trainer import evaluate_model, train_offline
@@ -146,8 +200,9 @@ def _train_offline(args, learner, dataset, run_dir, planner, config):
     task_map = None
     if mc.multitask:
         task_map = np.array([mc.tasks.index(t) if t in mc.tasks else 0 for t in dataset.tasks])
-    sampler = SequenceSampler(dataset, cfg.batch_size, cfg.horizon, seed=cfg.seed,
-                              device=learner.device, task_map=task_map)
+    sampler = SequenceSampler(dataset, distributed.local_batch(cfg.batch_size), cfg.horizon,
+                              seed=distributed.rank_seed(cfg.seed), device=learner.device,
+                              task_map=task_map)
     present = tuple(t for t in mc.tasks if t in dataset.tasks)
 
     def evaluate(model):
