@@ -136,7 +136,7 @@ class FusedNets(ModelNets):
     def pi(self, z, task, eps=None) -> PolicyOutput:
         m = self.model
         raw = self._mlp(m._pi, z, task)
-        return _policy_output(m, raw, task, eps)
+        return m.policy_from_output(raw, task, eps)
 
     def heads(self, z, a, task):
         m = self.model
@@ -180,22 +180,3 @@ class FusedNets(ModelNets):
                     + sel(layer.ln.bias).unsqueeze(1)
                 h = mish(h)
         return h.reshape(k, *lead, h.shape[-1])
-
-
-def _policy_output(m: WorldModel, raw: torch.Tensor, task, eps) -> PolicyOutput:
-    """The squashed-Gaussian sample of :meth:`WorldModel.pi` from the network output."""
-    mean, raw_log_std = raw.chunk(2, dim=-1)
-    log_std = tm.scale_log_std(raw_log_std, m.cfg.log_std_min, m.cfg.log_std_max)
-    if eps is None:
-        eps = torch.randn_like(mean)
-    mask = m.action_mask(task)
-    if mask is not None:
-        mean, log_std, eps = mean * mask, log_std * mask, eps * mask
-        active = mask.sum(-1, keepdim=True)
-    else:
-        active = torch.full_like(mean[..., :1], mean.shape[-1])
-    log_prob = tm.gaussian_logprob(eps, log_std)
-    scaled = log_prob * active
-    sample = mean + eps * log_std.exp()
-    mean, sample, log_prob = tm.squash(mean, sample, log_prob)
-    return PolicyOutput(sample, mean, log_std, log_prob, -log_prob * (scaled / (log_prob + 1e-8)))

@@ -126,7 +126,13 @@ class WorldModel(nn.Module):
            eps: torch.Tensor | None = None) -> PolicyOutput:
         """Sample the policy prior at ``z [..., L]`` with standard-normal noise ``eps [..., A]``
         (drawn with ``torch.randn`` when None)."""
-        mean, raw_log_std = self._pi(self.with_task(z, task)).chunk(2, dim=-1)
+        return self.policy_from_output(self._pi(self.with_task(z, task)), task, eps)
+
+    def policy_from_output(self, raw: torch.Tensor, task: torch.Tensor | None,
+                           eps: torch.Tensor | None = None) -> PolicyOutput:
+        """The squashed-Gaussian sample of the policy network's output ``raw [..., 2A]``
+        (mean and raw log-std), with noise ``eps [..., A]`` (drawn when None)."""
+        mean, raw_log_std = raw.chunk(2, dim=-1)
         log_std = tm.scale_log_std(raw_log_std, self.cfg.log_std_min, self.cfg.log_std_max)
         if eps is None:
             eps = torch.randn_like(mean)
