@@ -22,7 +22,12 @@ so converting a 13 GB chunk does not need 13 GB of RAM.
     terminated.npy  uint8   [N]               optional; 1 where the observation is terminal
 
 Each ``.npy`` is opened with ``numpy.load(mmap_mode="r")``: sampling reads only the rows it
-needs, so RAM stays bounded whatever the dataset size.
+needs, so RAM stays bounded whatever the dataset size. Opening checks ``meta.json``, each
+array's header (dtype, shape) and the episode table (episodes must cover the rows in order and
+agree with the counts in ``meta.json``), reading nothing of the rows themselves. There is no
+content checksum (checking one would read the whole dataset at every open); the sampler
+refuses batches holding NaN/Inf, so a damaged value is caught when first sampled, unless the
+damage leaves a finite number.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import collections
 import json
 import pickle
 import shutil
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -49,12 +55,15 @@ _REQUIRED = ("obs", "action", "reward", "task")
 class PickledTensorDict:
     """Inert stand-in for a pickled ``TensorDict``: keeps its attribute dict, runs nothing."""
 
+    state = None
+
     def __setstate__(self, state: dict) -> None:
         self.state = state
 
     def fields(self) -> dict:
-        """The TensorDict's entries (``_tensordict``) as a plain dict."""
-        return dict(self.state.get("_tensordict") or {})
+        """The TensorDict's entries (``_tensordict``) as a plain dict (empty if it has none)."""
+        entries = self.state.get("_tensordict") if isinstance(self.state, dict) else None
+        return dict(entries) if isinstance(entries, dict) else {}
 
 
 ALLOWED_GLOBALS = [
@@ -66,26 +75,34 @@ ALLOWED_GLOBALS = [
 """The only names beyond tensors and plain containers that a published file may contain."""
 
 
-def read_official(path: str | Path, mmap: bool = True) -> dict[str, torch.Tensor]:
+def read_official(path: str | Path, mmap: bool = True,
+                  verify: bool = False) -> dict[str, torch.Tensor]:
     """Read a published TD-MPC2 dataset file into ``{obs, action, reward, task}`` tensors.
 
     Returns tensors of shapes ``[E, T, D]``, ``[E, T, A]``, ``[E, T]``, ``[E, T]``
     (memory-mapped when ``mmap``). Also accepts a plain ``{key: tensor}`` dict file.
+    ``torch.save`` records a CRC-32 of each entry of its zip file; torch never checks them.
+    Here the pickle's is always checked (it is small), and with ``verify`` those of the tensor
+    data too, which reads the whole file.
     Raises:
-        DataError: missing file, unsafe or unreadable pickle, missing keys, wrong shapes.
+        DataError: missing or damaged file, unsafe or unreadable pickle, missing keys, wrong
+            shapes.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such dataset file")
+        raise DataError(f"{path}: " + ("a directory, not a dataset file" if path.is_dir()
+                                       else "no such dataset file"))
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
         raise DataError(f"{path}: not a readable dataset file (not a PyTorch file)")
+    if magic == b"PK\x03\x04":
+        _check_crc(path, everything=verify)
     obj = _torch_load(path, mmap)
     fields = obj.fields() if isinstance(obj, PickledTensorDict) else obj
     if not isinstance(fields, dict) or not all(isinstance(fields.get(k), torch.Tensor)
                                                for k in _REQUIRED):
-        have = sorted(fields) if isinstance(fields, dict) else type(obj).__name__
+        have = sorted(map(str, fields)) if isinstance(fields, dict) else type(obj).__name__
         raise DataError(f"{path}: not a TD-MPC2 dataset: need tensors {', '.join(_REQUIRED)}, "
                         f"found {have}")
     out = {k: fields[k] for k in _REQUIRED}
@@ -105,6 +122,25 @@ def read_official(path: str | Path, mmap: bool = True) -> dict[str, torch.Tensor
     return out
 
 
+def _check_crc(path: Path, everything: bool) -> None:
+    """Compare the CRC-32s recorded in a ``torch.save`` zip with its entries' bytes: those of
+    the pickle only, or of every entry. A CRC of 0 means none was recorded (``torch.save`` with
+    ``compute_crc32`` off) and is skipped."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not (everything or info.filename.endswith("/data.pkl")) or info.CRC == 0:
+                    continue
+                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+                    raise zipfile.BadZipFile(f"entry {info.filename} is compressed or encrypted")
+                with z.open(info) as f:  # raises BadZipFile at the end on a CRC mismatch
+                    while f.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError,
+            NotImplementedError) as e:
+        raise DataError(f"{path}: damaged or truncated file: {_first_line(e)}") from None
+
+
 def _torch_load(path: Path, mmap: bool):
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
@@ -120,8 +156,7 @@ def _torch_load(path: Path, mmap: bool):
                         f"tensors and TensorDicts ({(lines or [str(e)])[0][:160]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
             AttributeError, IndexError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path}: not a readable dataset file: {first[:200]}") from None
+        raise DataError(f"{path}: not a readable dataset file: {_first_line(e)}") from None
 
 
 # ---------------------------------------------------------------------- our format
@@ -262,6 +297,45 @@ def _check_finite(x: np.ndarray, name: str, where: str, first: int) -> None:
         raise DataError(f"{where}: {name} of episode {first + idx[0]} at step {step} is {kind}")
 
 
+_NPY_ERRORS = (OSError, ValueError, EOFError, SyntaxError, TypeError, OverflowError)
+"""What ``numpy.load`` raises on a missing, truncated or garbled ``.npy`` file."""
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _is_int(x, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+_META_FIELDS = {
+    "tasks": ("a list of task names",
+              lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    "obs_dim": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "action_dim": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    **{k: ("an integer >= 0", _is_int) for k in ("num_episodes", "num_rows", "num_transitions",
+                                                 "min_length", "max_length")},
+    "episodes_per_task": ("a list of integers",
+                          lambda v: isinstance(v, list) and all(_is_int(c) for c in v)),
+    "has_terminated": ("true or false", lambda v: isinstance(v, bool)),
+}
+"""The ``meta.json`` entries the loader and the CLI read: what each must be, and its test."""
+
+
+def _check_meta(meta, where: Path) -> None:
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: not a JSON object")
+    version = meta.get("version")
+    if meta.get("format") != FORMAT or not _is_int(version, 1) or version > VERSION:
+        raise DataError(f"{where}: unknown dataset format {str(meta.get('format'))[:60]!r} "
+                        f"version {str(version)[:20]}")
+    for key, (kind, ok) in _META_FIELDS.items():
+        if not ok(meta.get(key)):
+            got = f"got {json.dumps(meta[key])[:60]}" if key in meta else "missing"
+            raise DataError(f"{where}: {key} must be {kind}, {got}")
+
+
 class Dataset:
     """A dataset directory in our format, memory-mapped read-only.
 
@@ -278,31 +352,71 @@ class Dataset:
             raise DataError(f"{self.path}: not a tdmpc-opt dataset (no meta.json){hint}")
         try:
             self.meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{meta_path}: unreadable: {e}") from None
-        if self.meta.get("format") != FORMAT or int(self.meta.get("version", 0)) > VERSION:
-            raise DataError(f"{self.path}: unknown dataset format {self.meta.get('format')!r} "
-                            f"version {self.meta.get('version')}")
+        except (OSError, ValueError, RecursionError) as e:
+            raise DataError(f"{meta_path}: unreadable: {_first_line(e)}") from None
+        _check_meta(self.meta, meta_path)
         self.tasks = tuple(self.meta["tasks"])
-        self.obs = self._open("obs", np.float32, (self.meta["obs_dim"],))
-        self.action = self._open("action", np.float32, (self.meta["action_dim"],))
-        self.reward = self._open("reward", np.float32, ())
-        self.terminated = (self._open("terminated", np.uint8, ())
-                           if self.meta.get("has_terminated") else None)
-        self.episodes = np.load(self.path / "episodes.npy", mmap_mode="r")
-        if self.episodes.shape != (self.meta["num_episodes"], 3):
-            raise DataError(f"{self.path}: episodes.npy has shape {self.episodes.shape}")
+        rows = self.meta["num_rows"]
+        self.obs = self._open("obs", np.float32, (rows, self.meta["obs_dim"]))
+        self.action = self._open("action", np.float32, (rows, self.meta["action_dim"]))
+        self.reward = self._open("reward", np.float32, (rows,))
+        self.terminated = (self._open("terminated", np.uint8, (rows,))
+                           if self.meta["has_terminated"] else None)
+        if self.terminated is None and (self.path / "terminated.npy").exists():
+            raise DataError(f"{meta_path}: has_terminated is false, but terminated.npy exists")
+        self.episodes = self._open("episodes", np.int64, (self.meta["num_episodes"], 3))
+        self._check_episodes()
 
-    def _open(self, name: str, dtype, row: tuple[int, ...]) -> np.ndarray:
+    def _open(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
         f = self.path / f"{name}.npy"
         try:
+            with open(f, "rb") as fh:
+                magic = fh.read(6)
+            if magic != b"\x93NUMPY":  # else numpy takes it for a pickle, or an .npz archive
+                raise DataError(f"{f}: not a .npy array file{' (empty)' if not magic else ''}")
             arr = np.load(f, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise DataError(f"{f}: unreadable: {str(e)[:200]}") from None
-        if arr.dtype != dtype or arr.shape != (self.meta["num_rows"], *row):
-            raise DataError(f"{f}: shape {arr.shape} {arr.dtype}, expected "
-                            f"{(self.meta['num_rows'], *row)} {np.dtype(dtype)}")
+        except tokenize.TokenError:
+            raise DataError(f"{f}: unreadable: damaged array header") from None
+        except _NPY_ERRORS as e:
+            raise DataError(f"{f}: unreadable: {_first_line(e)}") from None
+        if arr.dtype != dtype or arr.shape != shape:
+            raise DataError(f"{f}: shape {arr.shape} {arr.dtype}, expected {shape} "
+                            f"{np.dtype(dtype)}")
         return arr
+
+    def _check_episodes(self) -> None:
+        """The episode table must tile the rows in order and agree with meta.json's counts
+        (one pass over the ``[E, 3]`` table: cheap whatever the number of rows)."""
+        f, m = self.path / "episodes.npy", self.meta
+        eps = np.asarray(self.episodes)
+        first, length, task = eps[:, 0], eps[:, 1], eps[:, 2]
+        bad = np.flatnonzero((length < 1) | (length > m["num_rows"]))
+        if bad.size:
+            raise DataError(f"{f}: episode {bad[0]} has {length[bad[0]]} observations")
+        ends = np.cumsum(length)
+        starts = ends - length
+        bad = np.flatnonzero(first != starts)
+        if bad.size:
+            i = bad[0]
+            raise DataError(f"{f}: episode {i} starts at row {first[i]}, expected {starts[i]}: "
+                            "episodes must cover the rows in order, without gaps or overlaps")
+        covered = int(ends[-1]) if len(eps) else 0
+        if covered != m["num_rows"]:
+            raise DataError(f"{f}: the episodes cover {covered} rows, the arrays have "
+                            f"{m['num_rows']}")
+        bad = np.flatnonzero((task < 0) | (task >= len(self.tasks)))
+        if bad.size:
+            raise DataError(f"{f}: episode {bad[0]} has task index {task[bad[0]]}, outside the "
+                            f"task set of {len(self.tasks)} tasks")
+        counts = {"num_transitions": covered - len(eps),
+                  "min_length": int(length.min()) if len(eps) else 0,
+                  "max_length": int(length.max()) if len(eps) else 0,
+                  "episodes_per_task": (np.bincount(task, minlength=len(self.tasks)).tolist()
+                                        if len(eps) else [0] * len(m["episodes_per_task"]))}
+        for key, value in counts.items():
+            if m[key] != value:
+                raise DataError(f"{self.path / 'meta.json'}: {key} is {str(m[key])[:60]}, the "
+                                f"episode table gives {str(value)[:60]}")
 
     @property
     def num_episodes(self) -> int:
@@ -318,13 +432,13 @@ def convert_official(files: list[Path], out: str | Path, tasks: tuple[str, ...],
     """Convert published TD-MPC2 dataset files into our format at ``out``.
 
     ``progress(episodes_done)`` is called after each chunk. RAM use is about ``chunk``
-    episodes, whatever the file sizes.
+    episodes, whatever the file sizes. Every file's recorded CRC-32s are checked first.
     Raises:
         DataError: unreadable input, inconsistent sizes, bad task ids, NaN values.
     """
     if not files:
         raise DataError("no dataset files given")
-    sources = [(Path(f), read_official(f)) for f in files]
+    sources = [(Path(f), read_official(f, verify=True)) for f in files]
     obs_dim, action_dim = (int(sources[0][1][k].shape[2]) for k in ("obs", "action"))
     for f, arrs in sources:
         if arrs["obs"].shape[2] != obs_dim or arrs["action"].shape[2] != action_dim:

@@ -6,7 +6,8 @@ row, number of observations, task id). Row 0 of an episode is its first observat
 action/reward rows are filler. :class:`SequenceSampler` draws an episode uniformly among those
 with at least H + 1 observations (as TorchRL's ``SliceSampler`` in TD-MPC2), then a start
 uniformly, and reads exactly the ``B * (H + 1)`` rows it needs: time and RAM per batch do not
-depend on the number of stored transitions.
+depend on the number of stored transitions. A batch holding a NaN/Inf value or a termination
+flag other than 0/1 (a damaged dataset: the writer refuses them) raises a DataError.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class SequenceSampler:
             term = np.asarray(src.terminated[act_rows], dtype=np.float32).reshape(b, h, 1)
         else:
             term = np.zeros((b, h, 1), np.float32)
+        if not (np.isfinite(obs).all() and np.isfinite(action).all()
+                and np.isfinite(reward).all() and term.max(initial=0) <= 1):
+            raise DataError(self._damaged(rows))
 
         def tm(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(x.swapaxes(0, 1))).to(self.device)
@@ -93,6 +97,23 @@ class SequenceSampler:
         if self.task_map is not None:
             task = torch.from_numpy(self.task_map[tasks]).to(self.device)
         return Batch(tm(obs), tm(action), tm(reward), tm(term), task)
+
+    def _damaged(self, rows: np.ndarray) -> str:
+        """Which stored value of a batch is NaN/Inf (or a termination flag not 0/1)."""
+        src = self.source
+        path = getattr(src, "path", None)
+        where, why = (path, ": the dataset is damaged") if path else ("the replay buffer", "")
+        act_rows = np.unique(rows[:, 1:])
+        checks = [("obs", src.obs, np.unique(rows)), ("action", src.action, act_rows),
+                  ("reward", src.reward, act_rows)]
+        for name, arr, idx in checks:
+            bad = ~np.isfinite(np.asarray(arr[idx]))
+            if bad.any():
+                row = idx[np.flatnonzero(bad.reshape(len(idx), -1).any(axis=1))[0]]
+                return f"{where}: {name} of row {row} is NaN or Inf{why}"
+        flags = np.asarray(src.terminated[act_rows])
+        row = act_rows[np.flatnonzero(flags > 1)[0]]
+        return f"{where}: termination flag of row {row} is {flags[flags > 1][0]}, not 0 or 1{why}"
 
     def state_dict(self) -> dict:
         return {"rng": json.dumps(self.rng.bit_generator.state)}
