@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# MuJoCo picks its OpenGL backend when dm_control is first imported: choose the headless EGL one
+# before any test imports it, so rendering tests work in any order
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tdmpc_opt.config import ModelConfig, PlannerConfig, model_config_for
 

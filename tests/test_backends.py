@@ -1,10 +1,12 @@
-"""Rollout backends: worker processes and Ray give the in-process returns, once per episode."""
+"""Rollout backends: worker processes and Ray give the in-process returns (and collected
+datasets), once per episode."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from tdmpc_opt.backends import FAULT_ENV, episode_cost, make_chunks, run_rollouts
@@ -154,3 +156,82 @@ def test_bad_backend_options_are_config_errors(ckpt, specs):
         run_rollouts(ckpt, None, specs, backend="dask")
     with pytest.raises(ConfigError, match="needs the ray backend"):
         run_rollouts(ckpt, None, specs, ray_address="auto")
+
+
+# ------------------------------------------------------------------------ collect on backends
+COLLECT = ["--tasks", "walker-walk,cartpole-balance", "--episodes", "3", "--max-steps", "4",
+           "--explore", "--action-noise", "0.3", "--seed", "3"]
+
+
+def _dataset(path):
+    """Every file of a dataset directory: arrays and meta.json."""
+    files = {f.name: np.load(f) for f in sorted(path.glob("*.npy"))}
+    return dict(files, meta=json.loads((path / "meta.json").read_text()))
+
+
+def _assert_same_dataset(got, want):
+    assert got.keys() == want.keys()
+    for name in want:  # NaN (step 0's action and reward) equals NaN here
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def _collect(ckpt, out, *extra):
+    assert main(["collect", "--checkpoint", ckpt, "--out", str(out), *COLLECT, *extra]) == 0
+    return _dataset(out)
+
+
+@pytest.fixture(scope="module")
+def collected(ckpt, tmp_path_factory):
+    """The dataset collected in this process, 4 episodes per batched call."""
+    return _collect(ckpt, tmp_path_factory.mktemp("collect") / "ref", "--batch", "4")
+
+
+def test_collected_dataset_is_ordered_and_batch_invariant(ckpt, collected, tmp_path):
+    from tdmpc_opt.agent import load_agent
+    from tdmpc_opt.cli.collect import collect_episodes
+    from tdmpc_opt.data import DatasetWriter
+
+    eps, action = collected["episodes.npy"], collected["action.npy"]
+    assert eps[:, 2].tolist() == [0, 0, 0, 1, 1, 1] and (eps[:, 1] == 5).all()  # task order
+    assert np.isnan(action[eps[:, 0]]).all()
+    cart = np.concatenate([action[s + 1:s + n] for s, n, _ in eps[3:]])
+    assert (cart[:, 1:] == 0).all() and (np.abs(cart[:, 0]) <= 1).all()  # noise: own dims
+    agent = load_agent(ckpt)  # the library function, one episode per batch, same dataset
+    with DatasetWriter(tmp_path / "b1", agent.cfg.tasks, agent.cfg.obs_dim,
+                       agent.cfg.action_dim, source="collected with tiny.safetensors") as w:
+        n = collect_episodes(agent, ("walker-walk", "cartpole-balance"), 3, w, seed=3,
+                             explore=True, action_noise=0.3, batch=1, max_steps=4)
+        w.close()
+    assert n == 24
+    _assert_same_dataset(_dataset(tmp_path / "b1"), collected)
+
+
+def test_collect_local_workers_with_a_killed_worker(ckpt, collected, tmp_path, monkeypatch,
+                                                    capsys):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"1:{marker}")  # chunk 1 runs half its episodes and dies
+    got = _collect(ckpt, tmp_path / "w2", "--workers", "2", "--batch", "2")
+    assert marker.exists() and "6 episodes, 24 transitions" in capsys.readouterr().out
+    _assert_same_dataset(got, collected)  # every episode once, in order, same numbers
+
+
+def test_collect_ray_with_a_killed_worker(ray_instance, ckpt, collected, tmp_path,
+                                          monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"0:{marker}")
+    got = _collect(ckpt, tmp_path / "ray", "--backend", "ray", "--batch", "3")
+    assert marker.exists()
+    _assert_same_dataset(got, collected)
+
+
+def test_collect_bad_backend_options_are_one_line(ckpt, tmp_path, monkeypatch, capsys):
+    base = ["collect", "--checkpoint", ckpt, "--out", str(tmp_path / "x"), *COLLECT]
+    assert main([*base, "--ray-address", "auto"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --ray-address needs --backend ray"
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main([*base, "--backend", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "install the ray extra" in err and len(err.splitlines()) == 1
+    assert main([*base[:2], str(tmp_path / "nope.pt"), *base[3:]]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,4 @@
-"""Rollout backends: run many evaluation episodes in-process, in worker processes, or on Ray.
+"""Rollout backends: run many episodes in-process, in worker processes, or on Ray.
 
 >>> from tdmpc_opt.backends import run_rollouts
 >>> specs = episode_specs(("walker-walk", "cartpole-balance"), 10, seed=1)
@@ -6,7 +6,9 @@
 
 Every episode has its own seed and returns do not depend on the batch an episode runs in
 (:mod:`tdmpc_opt.evaluation`), so any backend, worker count or chunking gives the same
-per-episode results, returned in the order of ``specs``.
+per-episode results, returned in the order of ``specs``. The same machinery serves evaluation
+(returns only) and data collection (``trajectories=True``: every result carries the episode's
+observations, actions and rewards; ``tdmpc-opt collect`` writes them in spec order).
 
 Backends:
 
@@ -65,6 +67,18 @@ class _Job:
     device: str
     threads: int
     fault: str | None
+    eval_mode: bool = True
+    action_noise: float = 0.0
+    trajectories: bool = False
+
+    def run(self, agent, specs: list[EpisodeSpec], on_result=None,
+            on_step=None) -> list[EpisodeResult]:
+        """Run ``specs`` with ``agent`` as this job asks."""
+        from tdmpc_opt.evaluation import run_episodes
+
+        return run_episodes(agent, specs, self.batch_size, self.max_steps, self.eval_mode,
+                            on_result, on_step, action_noise=self.action_noise,
+                            trajectories=self.trajectories)
 
 
 def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[EpisodeSpec], *,
@@ -72,7 +86,8 @@ def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[Epi
                  max_steps: int | None = None, ray_address: str | None = None,
                  on_result: Callable[[EpisodeResult], None] | None = None,
                  on_step: Callable[[int], None] | None = None, device: str = "cpu",
-                 threads: int = 1, max_retries: int = 3) -> list[EpisodeResult]:
+                 threads: int = 1, max_retries: int = 3, eval_mode: bool = True,
+                 action_noise: float = 0.0, trajectories: bool = False) -> list[EpisodeResult]:
     """Run ``specs`` with the agent of ``checkpoint`` on a backend; results in spec order.
 
     Args:
@@ -86,6 +101,10 @@ def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[Epi
             episode otherwise), for progress bars.
         threads: torch threads per worker (in-process: left as it is).
         max_retries: reruns of a chunk whose worker died.
+        eval_mode, action_noise, trajectories: as in
+            :func:`~tdmpc_opt.evaluation.run_episodes` (acting noise, extra Gaussian action
+            noise, whole episodes in the results). ``on_result`` may drop a result's
+            trajectory (set it to None) once it has used it, to free the memory.
     Raises:
         ConfigError: unknown backend, bad worker count, Ray missing or unreachable.
         TdmpcError: a chunk failed ``max_retries + 1`` times.
@@ -96,17 +115,17 @@ def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[Epi
         raise ConfigError(f"workers must be positive, got {workers}")
     if ray_address and backend != "ray":
         raise ConfigError("a Ray address needs the ray backend")
-    job = _Job(planner, batch_size, max_steps, device, threads, os.environ.get(FAULT_ENV))
+    if not (math.isfinite(action_noise) and action_noise >= 0):
+        raise ConfigError(f"action noise must be >= 0, got {action_noise}")
+    job = _Job(planner, batch_size, max_steps, device, threads, os.environ.get(FAULT_ENV),
+               eval_mode, action_noise, trajectories)
     collector = _Collector(on_result, on_step)
     if not specs:
         return []
     if backend == "ray":
         _run_ray(str(checkpoint), job, specs, workers, ray_address, max_retries, collector)
     elif (workers or 1) == 1:
-        agent = cached_agent(str(checkpoint), planner, device)
-        from tdmpc_opt.evaluation import run_episodes
-
-        run_episodes(agent, specs, batch_size, max_steps, True, collector.add, on_step)
+        job.run(cached_agent(str(checkpoint), planner, device), specs, collector.add, on_step)
     else:
         _run_processes(str(checkpoint), job, specs, workers, max_retries, collector)
     return collector.ordered(specs)
@@ -201,14 +220,11 @@ def run_chunk(path: str, job: _Job, index: int, specs: list[EpisodeSpec]) -> lis
     """Run one chunk in a worker process (torch threads set to ``job.threads``)."""
     import torch
 
-    from tdmpc_opt.evaluation import run_episodes
-
     if torch.get_num_threads() != job.threads:
         torch.set_num_threads(job.threads)
     agent = cached_agent(path, job.planner, job.device)
-    _maybe_fail(job.fault, index, lambda part: run_episodes(agent, part, job.batch_size,
-                                                            job.max_steps), specs)
-    return run_episodes(agent, specs, job.batch_size, job.max_steps)
+    _maybe_fail(job.fault, index, lambda part: job.run(agent, part), specs)
+    return job.run(agent, specs)
 
 
 def _maybe_fail(fault: str | None, index: int, run, specs: list[EpisodeSpec]) -> None:

@@ -5,6 +5,10 @@ call. Each episode has its own seed (derived from the run seed, the task name an
 number), which seeds both its environment and its planner's random numbers, so an episode's
 return does not depend on which other episodes share its batch.
 
+With ``trajectories=True`` each result also carries the episode's observations, actions and
+rewards (what ``tdmpc-opt collect`` writes as a dataset); optional action noise is drawn from
+a generator of the episode's own, so trajectories are batch-invariant too.
+
 Normalized score (TD-MPC2 / TD-MPC-Opt): the mean over tasks of mean return / 10 for DMControl
 tasks (returns lie in [0, 1000]) and success rate x 100 for Meta-World tasks.
 """
@@ -15,7 +19,7 @@ import hashlib
 import statistics
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,18 @@ class EpisodeSpec:
 
 
 @dataclass
+class Trajectory:
+    """One episode's steps in the dataset layout (``T`` agent steps, ``T + 1`` rows)."""
+
+    obs: np.ndarray
+    """``[T + 1, obs_dim]`` float32, zero-padded to the model's size."""
+    action: np.ndarray
+    """``[T + 1, action_dim]`` float32 as taken (padded, masked, noise added); row 0 NaN."""
+    reward: np.ndarray
+    """``[T + 1]`` float32; row 0 NaN."""
+
+
+@dataclass
 class EpisodeResult:
     """Outcome of one episode."""
 
@@ -47,6 +63,8 @@ class EpisodeResult:
     episode_return: float
     length: int
     success: float | None = None
+    trajectory: Trajectory | None = field(default=None, repr=False, compare=False)
+    """The episode's steps, when asked for (``run_episodes(..., trajectories=True)``)."""
 
 
 @dataclass
@@ -60,6 +78,8 @@ class _Slot:
     ret: float = 0.0
     success: float | None = None
     frames: list = field(default_factory=list)
+    noise_rng: np.random.Generator | None = None
+    steps: tuple[list, list, list] | None = None
 
 
 def episode_seed(seed: int, task: str, episode: int) -> int:
@@ -73,13 +93,41 @@ def episode_specs(tasks: Iterable[str], episodes: int, seed: int) -> list[Episod
     return [EpisodeSpec(t, i, episode_seed(seed, t, i)) for t in tasks for i in range(episodes)]
 
 
-def _open_slot(agent: Agent, spec: EpisodeSpec, make_env, record: bool) -> _Slot:
+def _open_slot(agent: Agent, spec: EpisodeSpec, make_env, record: bool, action_noise: float,
+               trajectory: bool) -> _Slot:
     env = make_env(spec.task, spec.seed)
     obs, _ = env.reset(seed=spec.seed)
     slot = _Slot(spec, env, obs, torch.Generator().manual_seed(spec.seed), agent.initial_plan(1))
     if record:
         slot.frames.append(env.render())
+    if action_noise:
+        slot.noise_rng = np.random.default_rng(spec.seed)
+    if trajectory:
+        from tdmpc_opt.envs import pad_obs
+
+        slot.steps = ([pad_obs(obs, agent.cfg.obs_dim)],
+                      [np.full(agent.cfg.action_dim, np.nan, np.float32)], [np.nan])
     return slot
+
+
+def _take_action(slot: _Slot, action: np.ndarray, action_noise: float) -> np.ndarray:
+    """The action the environment gets: the agent's, plus the episode's Gaussian noise on the
+    task's own dimensions (clipped to [-1, 1]); padded dimensions stay as the agent left them."""
+    n = slot.env.action_space.shape[0]
+    if slot.noise_rng is not None:
+        action = action.copy()
+        action[:n] = np.clip(action[:n] + action_noise * slot.noise_rng.standard_normal(n),
+                             -1, 1)
+    if slot.steps is not None:
+        slot.steps[1].append(action)
+    return action[:n]
+
+
+def _trajectory(slot: _Slot) -> Trajectory | None:
+    if slot.steps is None:
+        return None
+    obs, action, reward = slot.steps
+    return Trajectory(np.stack(obs), np.stack(action), np.array(reward, np.float32))
 
 
 def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
@@ -88,7 +136,8 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
                  on_step: Callable[[int], None] | None = None,
                  record: Callable[[EpisodeSpec], bool] | None = None,
                  on_video: Callable[[EpisodeSpec, list], None] | None = None,
-                 make_env=None) -> list[EpisodeResult]:
+                 make_env=None, action_noise: float = 0.0,
+                 trajectories: bool = False) -> list[EpisodeResult]:
     """Run ``specs`` with up to ``batch_size`` episodes planned together per agent step.
 
     Args:
@@ -97,9 +146,14 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
         on_step: called with the number of agent steps just taken (progress bars).
         record / on_video: which episodes to render, and what to do with their frames.
         make_env: ``(task, seed) -> env`` (default :func:`tdmpc_opt.envs.make_env`).
+        action_noise: std of Gaussian noise added to every action the environment gets
+            (clipped to [-1, 1]), drawn from a generator seeded by the episode's seed.
+        trajectories: keep each episode's steps in its result's ``trajectory``.
     Returns:
         Results in the order of ``specs``.
     """
+    from tdmpc_opt.envs import pad_obs
+
     if make_env is None:
         from tdmpc_opt.envs import make_env
     pending = deque(specs)
@@ -108,7 +162,8 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
     while pending or slots:
         while pending and len(slots) < batch_size:
             spec = pending.popleft()
-            slots.append(_open_slot(agent, spec, make_env, bool(record and record(spec))))
+            slots.append(_open_slot(agent, spec, make_env, bool(record and record(spec)),
+                                    action_noise, trajectories))
         x, tid = agent.prepare_inputs([s.obs for s in slots], [s.spec.task for s in slots])
         t0 = torch.tensor([s.t == 0 for s in slots])
         actions, plans = agent.step(x, tid, torch.cat([s.plan for s in slots]), t0, eval_mode,
@@ -116,8 +171,11 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
         finished = []
         for i, slot in enumerate(slots):
             slot.plan = plans[i:i + 1]
-            action = actions[i, : slot.env.action_space.shape[0]].numpy()
+            action = _take_action(slot, actions[i].numpy(), action_noise)
             slot.obs, reward, terminated, truncated, info = slot.env.step(action)
+            if slot.steps is not None:
+                slot.steps[0].append(pad_obs(slot.obs, agent.cfg.obs_dim))
+                slot.steps[2].append(float(reward))
             slot.ret += float(reward)
             slot.t += 1
             if "success" in info:
@@ -132,7 +190,7 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
             slots.remove(slot)
             slot.env.close()
             res = EpisodeResult(slot.spec.task, slot.spec.episode, slot.spec.seed, slot.ret,
-                                slot.t, slot.success)
+                                slot.t, slot.success, _trajectory(slot))
             results[slot.spec] = res
             if on_result:
                 on_result(res)
@@ -169,8 +227,8 @@ def summarize(results: list[EpisodeResult], tasks: Iterable[str]) -> dict:
 
 
 def result_to_dict(res: EpisodeResult) -> dict:
-    """JSON-ready dict of an episode result."""
-    return asdict(res)
+    """JSON-ready dict of an episode result (without its trajectory)."""
+    return {f.name: getattr(res, f.name) for f in fields(res) if f.name != "trajectory"}
 
 
 def write_video(path: Path, frames: list, fps: int = 30) -> None:

@@ -40,3 +40,15 @@ def write_json(path: str | Path, data) -> None:
     from tdmpc_opt.checkpoints import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def check_backend_options(backend: str, ray_address: str | None) -> None:
+    """Refuse ``--ray-address`` without ``--backend ray``, and Ray backends without Ray."""
+    from tdmpc_opt.errors import ConfigError
+
+    if ray_address and backend != "ray":
+        raise ConfigError("--ray-address needs --backend ray")
+    if backend == "ray":
+        from tdmpc_opt.backends import import_ray
+
+        import_ray()

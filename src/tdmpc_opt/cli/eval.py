@@ -170,16 +170,12 @@ def run(args) -> int:
 
 def _check_backend(args, in_process: bool) -> None:
     """Refuse option combinations the chosen backend cannot honour (before loading anything)."""
+    from tdmpc_opt.cli._common import check_backend_options
     from tdmpc_opt.errors import ConfigError
 
-    if args.ray_address and args.backend != "ray":
-        raise ConfigError("--ray-address needs --backend ray")
     if args.video and not in_process:
         raise ConfigError("--video needs the in-process backend (--backend local --workers 1)")
-    if args.backend == "ray":
-        from tdmpc_opt.backends import import_ray
-
-        import_ray()
+    check_backend_options(args.backend, args.ray_address)
 
 
 def _run_with_progress(agent, todo, args, on_result):
