@@ -127,3 +127,15 @@ def test_eval_video_writes_one_playable_mp4_per_task(tmp_path, tiny_cfg):
         frames = imageio.mimread(out / name)
         assert len(frames) == 7 and frames[0].ndim == 3  # reset + 6 steps, one episode
         assert frames[0].std() > 0  # a rendered scene, not a blank image
+
+
+def test_checkpoint_for_other_observation_sizes_is_refused(tmp_path, capsys, tiny_single_cfg):
+    # an official single-task .pt names no task: only its shapes say what it can take
+    from tdmpc_opt.checkpoints import save_official
+
+    save_official(tmp_path / "cartpole.pt", WorldModel(tiny_single_cfg))
+    assert main(["eval", "--checkpoint", str(tmp_path / "cartpole.pt"),
+                 "--tasks", "walker-walk"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "walker-walk has 24-dim observations but the checkpoint takes 5" in err, err
