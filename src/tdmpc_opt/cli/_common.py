@@ -42,6 +42,16 @@ def write_json(path: str | Path, data) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """``--backend``, ``--workers`` and ``--ray-address`` of the rollout commands."""
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local (this process, or --workers processes) or ray")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="local worker processes (default 1), or Ray CPUs to use (default all)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join: auto or HOST:PORT (default: start one here)")
+
+
 def check_backend_options(backend: str, ray_address: str | None) -> None:
     """Refuse ``--ray-address`` without ``--backend ray``, and Ray backends without Ray."""
     from tdmpc_opt.errors import ConfigError

@@ -28,7 +28,7 @@ HELP = "roll an agent out and write its episodes in the dataset format"
 
 
 def add_arguments(p):
-    from tdmpc_opt.cli._common import nonnegative_float, positive_int
+    from tdmpc_opt.cli._common import add_backend_arguments, nonnegative_float, positive_int
 
     p.add_argument("--checkpoint", required=True, help="model: .pt, .safetensors or run dir")
     p.add_argument("--tasks", required=True, help="task names (comma-separated) or a task set")
@@ -43,12 +43,7 @@ def add_arguments(p):
     p.add_argument("--batch", type=positive_int, default=16, help="episodes run together")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="cut episodes after this many agent steps (default: full length)")
-    p.add_argument("--backend", choices=("local", "ray"), default="local",
-                   help="local (this process, or --workers processes) or ray")
-    p.add_argument("--workers", type=positive_int, default=None,
-                   help="local worker processes (default 1), or Ray CPUs to use (default all)")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join: auto or HOST:PORT (default: start one here)")
+    add_backend_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 

@@ -25,7 +25,7 @@ import json
 import time
 from pathlib import Path
 
-from tdmpc_opt.cli._common import positive_int
+from tdmpc_opt.cli._common import add_backend_arguments, positive_int
 
 NAME = "eval"
 HELP = "evaluate a checkpoint on tasks (batched planning, normalized score)"
@@ -47,12 +47,7 @@ def add_arguments(p):
     p.add_argument("--video", default=None, help="write one MP4 per task into this folder")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--backend", choices=("local", "ray"), default="local",
-                   help="local (this process, or --workers processes) or ray")
-    p.add_argument("--workers", type=positive_int, default=None,
-                   help="local worker processes (default 1), or Ray CPUs to use (default all)")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join: auto or HOST:PORT (default: start one here)")
+    add_backend_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="planner settings, e.g. num_samples=256 horizon=3")
