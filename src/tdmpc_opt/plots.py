@@ -72,6 +72,12 @@ def plot_score_vs_size(points: list[tuple[str, float, float]], out: str | Path) 
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("normalized score")
     ax.set_xscale("log")
+    # ticks at the models' own sizes, as plain numbers (log-axis minor labels crowd)
+    from matplotlib.ticker import NullFormatter
+
+    sizes = sorted({float(f"{size:.2g}") for _, size, _ in points})
+    ax.set_xticks(sizes, [f"{v:g}" for v in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
