@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tdmpc_opt.config import ModelConfig, PlannerConfig, model_config_for
+from tdmpc_opt.world_model import WorldModel
 
 # Tests use small tensors: one intra-op thread avoids thread hand-off costs that dominate them
 # (and makes timing-independent results the same on every machine).
@@ -29,6 +30,16 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the project's shared/ folder beside the repository)")
     return path
+
+
+def random_model(cfg: ModelConfig) -> WorldModel:
+    """A model with random weights everywhere (std 0.3): zero-initialised heads would make all
+    values tie, which hides planner and quantization errors."""
+    model = WorldModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
 
 
 @pytest.fixture

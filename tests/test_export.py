@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_model
 from tdmpc_opt import math as tm
 from tdmpc_opt.checkpoints import save_checkpoint
 from tdmpc_opt.cli import main
@@ -18,16 +19,6 @@ from tdmpc_opt.deploy import onnx_planner as op
 from tdmpc_opt.errors import CheckpointError, InputError
 from tdmpc_opt.export import export_checkpoint, export_onnx, verify_export
 from tdmpc_opt.planner import draw_noise, plan, plan_literal
-from tdmpc_opt.world_model import WorldModel
-
-
-def _random_model(cfg) -> WorldModel:
-    """Random weights everywhere (zero-initialised heads would make all values tie)."""
-    model = WorldModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +29,7 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     cfg = model_config_for(("walker-walk", "cartpole-balance", "pendulum-swingup"), None,
                            enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2)
-    model = _random_model(cfg)
+    model = random_model(cfg)
     out = tmp_path_factory.mktemp("onnx")
     export_onnx(model, out)
     return model, out
@@ -95,7 +86,7 @@ def test_numpy_planner_matches_pytorch_planner(exported, tiny_planner, eval_mode
 
 
 def test_single_task_model_with_five_q(tiny_single_cfg, tiny_planner, tmp_path):
-    model = _random_model(tiny_single_cfg)
+    model = random_model(tiny_single_cfg)
     export_onnx(model, tmp_path)
     assert max(verify_export(model, tmp_path, n=20).values()) < 1e-4
     _compare_planners(model, tmp_path, tiny_planner, None, True)
@@ -126,7 +117,7 @@ def test_deployment_runs_without_torch(exported):
 
 
 def test_export_cli_and_bad_input(tmp_path, capsys, tiny_cfg):
-    model = _random_model(tiny_cfg)
+    model = random_model(tiny_cfg)
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(ckpt, model)
     assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_model
 from tdmpc_opt import load_agent
 from tdmpc_opt.checkpoints import load_world_model, read_state_dict, save_checkpoint
 from tdmpc_opt.cli import main
@@ -32,11 +33,7 @@ from tdmpc_opt.world_model import WorldModel
 @pytest.fixture
 def tiny_model(tiny_cfg) -> WorldModel:
     """A tiny model with random (not zero-initialised) weights everywhere."""
-    model = WorldModel(tiny_cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return model
+    return random_model(tiny_cfg)
 
 
 @pytest.fixture
