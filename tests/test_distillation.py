@@ -12,6 +12,8 @@ from tdmpc_opt.distillation import (
     DistillConfig,
     Distiller,
     check_compatible,
+    imagined_targets,
+    planner_like_actions,
     teacher_targets,
 )
 from tdmpc_opt.errors import ConfigError, DataError
@@ -193,3 +195,87 @@ def test_distill_cli_runs_and_refuses_foreign_data(tiny_cfg, tmp_path, capsys):
     args[args.index("--run-dir") + 1] = str(tmp_path / "run2")
     assert main(args) == 2
     assert "outside the teacher's task set" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the plan term
+def test_planner_like_actions_stay_in_range_keep_padding_and_vary(tiny_cfg):
+    torch.manual_seed(0)
+    batch = _batch(tiny_cfg, b=16)
+    task = batch.task.repeat(4)
+    mask = WorldModel(tiny_cfg).action_mask(task)
+    acts = planner_like_actions(batch.action, 4, 0.05, 2.0, mask)
+    assert acts.shape == (3, 64, tiny_cfg.action_dim)
+    assert acts.abs().max() <= 1
+    assert torch.equal(acts * (1 - mask), torch.zeros_like(acts))
+    # rows k*B+b perturb start b: small-std rows stay near the data's action, all differ
+    dist = (acts - batch.action.repeat(1, 4, 1)).abs().amax(dim=(0, 2))
+    assert dist.min() < 0.3 and dist.max() > 0.9
+
+
+def test_plan_term_is_lower_for_the_teacher_itself_and_needs_the_teacher(tiny_cfg):
+    torch.manual_seed(0)
+    teacher = _nontrivial(WorldModel(tiny_cfg)).eval()
+    twin, other = copy.deepcopy(teacher), _nontrivial(WorldModel(tiny_cfg))
+    cfg = DistillConfig(reward_coef=0.0, plan_coef=1.0)
+    batch = _batch(tiny_cfg)
+    values = {}
+    for name, student in (("twin", twin), ("other", other)):
+        torch.manual_seed(1)  # the same sampled action sequences for both
+        learner = TDMPC2Learner(student, TrainConfig())
+        ro = learner.rollout(batch)
+        student.eval()  # no dropout: the twin reproduces the teacher exactly
+        out = Distiller(student, cfg, teacher=teacher).losses(batch, ro, None)
+        assert set(out) == {"distill_plan"}
+        values[name] = out["distill_plan"][1].item()
+    assert values["twin"] < values["other"]
+    with pytest.raises(ConfigError, match="live teacher"):
+        Distiller(twin, cfg)
+    with pytest.raises(ConfigError, match="plan_samples"):
+        DistillConfig(plan_samples=0).validate()
+
+
+def test_plan_term_training_teaches_the_teachers_ranking(tiny_cfg):
+    """A plan-only student learns to rank random action sequences like its teacher."""
+    torch.manual_seed(0)
+    teacher = _nontrivial(WorldModel(tiny_cfg)).eval()
+    student = WorldModel(tiny_cfg)
+    dist = Distiller(student, DistillConfig(reward_coef=0.0, plan_coef=1.0, plan_samples=8),
+                     teacher=teacher)
+    learner = TDMPC2Learner(student, TrainConfig(lr=3e-3))
+    batch = _batch(tiny_cfg, b=32)
+    first = last = None
+    for _ in range(200):
+        m = learner.update(batch, dist.hook(None))
+        first = first or m["distill_plan_loss"]
+        last = m["distill_plan_loss"]
+    assert last < 0.5 * first
+    # held-out action sequences from the same starts: rewards now correlate with the teacher's
+    torch.manual_seed(7)
+    task = batch.task.repeat(8)
+    acts = planner_like_actions(batch.action, 8, 0.05, 2.0, teacher.action_mask(task))
+    t_reward, _ = imagined_targets(teacher, batch.obs[0].repeat(8, 1), acts, task)
+    s_reward, _ = imagined_targets(student, batch.obs[0].repeat(8, 1), acts, task)
+    corr = torch.corrcoef(torch.stack([t_reward.flatten(), s_reward.flatten()]))[0, 1]
+    assert corr > 0.8
+
+
+def test_distill_cli_init_starts_from_the_given_weights(tiny_cfg, tmp_path, capsys):
+    from tdmpc_opt.checkpoints import load_world_model, save_checkpoint
+    from tdmpc_opt.cli import main
+
+    teacher_path, init_path = tmp_path / "teacher.safetensors", tmp_path / "init.safetensors"
+    save_checkpoint(teacher_path, _nontrivial(WorldModel(tiny_cfg)))
+    init = _nontrivial(WorldModel(tiny_cfg))
+    save_checkpoint(init_path, init)
+    ds = _dataset(tmp_path, tiny_cfg)
+    base = ["distill", "--teacher", str(teacher_path), "--data", str(ds.path), "--quiet",
+            "--init", str(init_path), "--plan-coef", "1.0", "--plan-samples", "2",
+            "steps=2", "batch_size=8", "eval_freq=0", "lr=1e-9", "enc_lr_scale=1"]
+    assert main(base + ["--run-dir", str(tmp_path / "run")]) == 0
+    out, _ = load_world_model(tmp_path / "run" / "model.safetensors")
+    # two updates at a negligible learning rate: still the init's weights, not a fresh model
+    for k, v in init.state_dict().items():
+        if not k.startswith("_target"):
+            assert torch.allclose(out.state_dict()[k], v, atol=1e-4), k
+    assert main(base[:1] + ["--run-dir", str(tmp_path / "run2")] + base[1:] + ["latent_dim=8"]) == 2
+    assert "--init takes the student's architecture" in capsys.readouterr().err

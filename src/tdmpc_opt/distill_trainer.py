@@ -48,6 +48,8 @@ class DistillHook:
 
     def targets(self, batch: Batch):
         latent = self.distiller.cfg.needs_latent
+        if not self.distiller.cfg.uses_targets:
+            return None
         if self.cache is not None:
             return self.cache.targets(self.sampler.last_rows, batch.obs.device)
         return teacher_targets(self.teacher, batch.obs[:-1], batch.action, batch.task, latent)
@@ -98,7 +100,7 @@ def distill_offline(learner: TDMPC2Learner, teacher: WorldModel, teacher_sha256:
                          seed=distributed.rank_seed(cfg.seed), device=learner.device,
                          task_map=task_map)
     cache = None
-    if cache_dir is not None:
+    if cache_dir is not None and dcfg.uses_targets:
         def open_cache():
             return prepare_cache(teacher, teacher_sha256, dataset, task_map, Path(cache_dir),
                                  dcfg.needs_latent, progress and distributed.is_main())
@@ -107,7 +109,7 @@ def distill_offline(learner: TDMPC2Learner, teacher: WorldModel, teacher_sha256:
         distributed.barrier()  # the others open rank 0's cache (or build their own copy)
         if cache is None:
             cache = open_cache()
-    distiller = Distiller(learner.model, dcfg, cfg.rho, teacher.cfg.latent_dim)
+    distiller = Distiller(learner.model, dcfg, cfg.rho, teacher.cfg.latent_dim, teacher)
     if distiller.projection is not None:
         distributed.broadcast_module(distiller.projection)
     hook = DistillHook(distiller, teacher, cache, sampler)
@@ -116,9 +118,7 @@ def distill_offline(learner: TDMPC2Learner, teacher: WorldModel, teacher_sha256:
     def evaluate(model):
         return evaluate_model(model, present, cfg.eval_episodes, cfg.seed, planner)
 
-    needs_hook = any(c > 0 for c in (dcfg.reward_coef, dcfg.reward_horizon_coef,
-                                     dcfg.value_coef, dcfg.policy_coef, dcfg.latent_coef))
-    last = train_offline(learner, sampler, run, extra_losses=hook if needs_hook else None,
+    last = train_offline(learner, sampler, run, extra_losses=hook if dcfg.any_term else None,
                          evaluate=evaluate, resume=resume, progress=progress, config=config)
     hook.finish()
     return last

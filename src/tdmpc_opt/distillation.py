@@ -23,10 +23,19 @@ plus distillation terms, each with its own coefficient (0 switches a term off):
 ``latent``
     MSE between a learned linear projection of the student latent ``z_t`` and the teacher's
     latent of ``o_t`` (the paper's "next-state" variant uses such a projection).
+``plan``
+    Imagined-rollout distillation (ours): from each sampled ``o_0``, ``plan_samples`` action
+    sequences drawn the way MPPI draws them (the data's actions plus Gaussian noise of a
+    per-sequence std between the planner's 0.05 and 2, clipped to [-1, 1]) are rolled through
+    both models' latent dynamics; at every imagined step the student's decoded reward (MSE)
+    and every Q member (two-hot cross-entropy onto the teacher's mean Q) match the teacher's.
+    The terms above only see the data's actions, so a student can imitate the teacher on the
+    data and still rank the planner's samples badly (then MPPI does worse than its own policy
+    prior); this term teaches it the teacher's ranking where the planner searches.
 
-Every teacher target is a function of one transition ``(o_t, a_t, task)``, so all of them can be
-computed once per dataset row (:mod:`tdmpc_opt.teacher_cache`) and training never runs the
-teacher.
+Every teacher target except ``plan``'s is a function of one transition ``(o_t, a_t, task)``, so
+they can be computed once per dataset row (:mod:`tdmpc_opt.teacher_cache`); the ``plan`` term
+samples new actions each update and runs the frozen teacher live.
 """
 
 from __future__ import annotations
@@ -59,15 +68,39 @@ class DistillConfig:
     """MSE of a learned linear projection of student latents onto teacher latents."""
     latent_lr: float = 3e-4
     """Learning rate of the latent projection."""
+    plan_coef: float = 0.0
+    """Imagined-rollout distillation of rewards and Q on planner-like action sequences."""
+    plan_samples: int = 4
+    """Action sequences per sampled start state for the ``plan`` term."""
+    plan_min_std: float = 0.05
+    """Smallest per-sequence noise std of the ``plan`` term (the planner's ``min_std``)."""
+    plan_max_std: float = 2.0
+    """Largest per-sequence noise std of the ``plan`` term (the planner's ``max_std``)."""
 
     def validate(self) -> DistillConfig:
         """Check invariants; returns ``self``."""
         for name in ("reward_coef", "reward_horizon_coef", "value_coef", "policy_coef",
-                     "latent_coef", "latent_lr"):
+                     "latent_coef", "latent_lr", "plan_coef"):
             value = getattr(self, name)
             if not value >= 0 or value != value or value == float("inf"):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.plan_samples < 1:
+            raise ConfigError(f"plan_samples must be >= 1, got {self.plan_samples}")
+        if not 0 < self.plan_min_std <= self.plan_max_std < float("inf"):
+            raise ConfigError("plan stds need 0 < plan_min_std <= plan_max_std, got "
+                              f"{self.plan_min_std} and {self.plan_max_std}")
         return self
+
+    @property
+    def uses_targets(self) -> bool:
+        """Whether any term needs the per-transition teacher targets (all but ``plan``)."""
+        return any(c > 0 for c in (self.reward_coef, self.reward_horizon_coef, self.value_coef,
+                                   self.policy_coef, self.latent_coef))
+
+    @property
+    def any_term(self) -> bool:
+        """Whether distillation is on at all."""
+        return self.uses_targets or self.plan_coef > 0
 
     @property
     def needs_latent(self) -> bool:
@@ -173,6 +206,54 @@ def latent_projection_loss(projected: torch.Tensor, teacher_latent: torch.Tensor
     return (per_step * w).sum() / per_step.shape[0]
 
 
+def planner_like_actions(action: torch.Tensor, samples: int, min_std: float, max_std: float,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    """``[H, S*B, A]`` action sequences around the data's ``action [H, B, A]``.
+
+    Sequence ``k`` of start ``b`` (row ``k * B + b``) is ``clip(a + std_k * eps, -1, 1)`` with a
+    log-uniform ``std_k`` in ``[min_std, max_std]`` (MPPI's range) and standard-normal ``eps``;
+    ``mask [S*B, A]`` zeroes padded dimensions.
+    """
+    h, b, a = action.shape
+    base = action.repeat(1, samples, 1)
+    log_std = torch.empty(samples * b, 1, device=action.device).uniform_(
+        float(torch.tensor(min_std).log()), float(torch.tensor(max_std).log()))
+    out = (base + log_std.exp() * torch.randn_like(base)).clamp(-1, 1)
+    return out if mask is None else out * mask
+
+
+@torch.no_grad()
+def imagined_targets(teacher: WorldModel, obs0: torch.Tensor, actions: torch.Tensor,
+                     task: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's decoded rewards and mean Q ``[H, N, 1]`` along its own latent rollout of
+    ``actions [H, N, A]`` from ``obs0 [N, D]``."""
+    was_training = teacher.training
+    teacher.eval()
+    z, rewards, qs = teacher.encode(obs0, task), [], []
+    for a in actions:
+        rewards.append(teacher.decode(teacher.reward(z, a, task)))
+        qs.append(teacher.decode(teacher.q_logits(z, a, task)).mean(0))
+        z = teacher.next(z, a, task)
+    teacher.train(was_training)
+    return torch.stack(rewards), torch.stack(qs)
+
+
+def imagined_rollout_loss(student: WorldModel, z0: torch.Tensor, actions: torch.Tensor,
+                          task: torch.Tensor | None, t_reward: torch.Tensor, t_q: torch.Tensor,
+                          rho: float) -> torch.Tensor:
+    """Student side of the ``plan`` term: roll ``z0 [N, L]`` through ``actions [H, N, A]``;
+    rho-weighted mean over steps of reward MSE plus Q two-hot cross-entropy against the
+    teacher's ``t_reward``, ``t_q [H, N, 1]``."""
+    z, reward_logits, q_logits = z0, [], []
+    for a in actions:
+        reward_logits.append(student.reward(z, a, task))
+        q_logits.append(student.q_logits(z, a, task))
+        z = student.next(z, a, task)
+    reward_part = horizon_reward_loss(torch.stack(reward_logits), t_reward, student, rho)
+    q_part = value_loss(torch.stack(q_logits, dim=1), t_q, rho, student.cfg)
+    return reward_part + q_part
+
+
 # ------------------------------------------------------------------------ distiller
 class Distiller:
     """Computes the distillation terms of one update from teacher targets.
@@ -182,11 +263,15 @@ class Distiller:
         cfg: coefficients.
         rho: TD-MPC2's temporal weighting (the learner's ``rho``).
         teacher_latent_dim: teacher latent size (needed when the latent term is on).
+        teacher: the frozen teacher (needed by the ``plan`` term, which runs it live).
     """
 
     def __init__(self, student: WorldModel, cfg: DistillConfig, rho: float = 0.5,
-                 teacher_latent_dim: int | None = None):
+                 teacher_latent_dim: int | None = None, teacher: WorldModel | None = None):
         self.student, self.cfg, self.rho = student, cfg.validate(), rho
+        if cfg.plan_coef > 0 and teacher is None:
+            raise ConfigError("the plan term needs the live teacher")
+        self.teacher = teacher
         self.projection = None
         self.projection_optim = None
         if cfg.needs_latent:
@@ -199,10 +284,16 @@ class Distiller:
                                                      lr=cfg.latent_lr)
 
     def losses(self, batch: Batch, ro: Rollout,
-               targets: TeacherTargets) -> dict[str, tuple[float, torch.Tensor]]:
-        """``{name: (coef, loss)}`` of the enabled terms, for ``TDMPC2Learner.update``."""
+               targets: TeacherTargets | None) -> dict[str, tuple[float, torch.Tensor]]:
+        """``{name: (coef, loss)}`` of the enabled terms, for ``TDMPC2Learner.update``.
+
+        ``targets`` may be None when only the ``plan`` term is on."""
         c, s = self.cfg, self.student
         out: dict[str, tuple[float, torch.Tensor]] = {}
+        if c.plan_coef > 0:
+            out["distill_plan"] = (c.plan_coef, self._plan_term(batch, ro))
+        if targets is None:
+            return out
         if c.reward_coef > 0:
             out["distill_reward"] = (c.reward_coef, paper_reward_loss(
                 ro.reward_logits[0], targets.reward[0], s))
@@ -233,6 +324,15 @@ class Distiller:
         mask = s.action_mask(task_h)
         mean, log_std = policy_gaussian(s, z, mask)
         return policy_kl_loss(mean, log_std, targets.pi_mean, targets.pi_log_std, self.rho)
+
+    def _plan_term(self, batch: Batch, ro: Rollout) -> torch.Tensor:
+        c, k = self.cfg, self.cfg.plan_samples
+        task = None if batch.task is None else batch.task.repeat(k)
+        mask = self.student.action_mask(task)
+        actions = planner_like_actions(batch.action, k, c.plan_min_std, c.plan_max_std, mask)
+        t_reward, t_q = imagined_targets(self.teacher, batch.obs[0].repeat(k, 1), actions, task)
+        z0 = ro.zs[0].repeat(k, 1)
+        return imagined_rollout_loss(self.student, z0, actions, task, t_reward, t_q, self.rho)
 
     def hook(self, targets: TeacherTargets):
         """An ``extra_losses`` callable for :meth:`TDMPC2Learner.update`."""

@@ -42,6 +42,14 @@ def add_arguments(p):
     p.add_argument("--value-coef", type=nonnegative_float, default=0.0)
     p.add_argument("--policy-coef", type=nonnegative_float, default=0.0)
     p.add_argument("--latent-coef", type=nonnegative_float, default=0.0)
+    p.add_argument("--plan-coef", type=nonnegative_float, default=0.0,
+                   help="imagined-rollout distillation on planner-like actions (runs the "
+                        "teacher live; see docs/distillation.md)")
+    p.add_argument("--plan-samples", type=positive_int, default=4,
+                   help="action sequences per start state for --plan-coef")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start the student from this model's weights (its architecture; "
+                        "fine-tuning) instead of a fresh initialisation")
     p.add_argument("--cache-teacher", nargs="?", const="", default=None, metavar="DIR",
                    help="use (building if needed) a teacher-target cache (default: "
                         "RUN_DIR/teacher-cache)")
@@ -58,7 +66,8 @@ def _distill_config(args):
 
     return DistillConfig(reward_coef=args.coef, reward_horizon_coef=args.reward_horizon_coef,
                          value_coef=args.value_coef, policy_coef=args.policy_coef,
-                         latent_coef=args.latent_coef).validate()
+                         latent_coef=args.latent_coef, plan_coef=args.plan_coef,
+                         plan_samples=args.plan_samples).validate()
 
 
 def _collect(args, teacher_path: Path, run_dir) -> Path:
@@ -85,6 +94,21 @@ def _collect(args, teacher_path: Path, run_dir) -> Path:
         collect_episodes(agent, tasks, args.collect, w, seed=0, explore=True)
         w.close()
     return out
+
+
+def _learner_from(args, m_items, cfg, device):
+    """A learner whose student starts from ``--init``'s weights (and takes its architecture)."""
+    from tdmpc_opt.checkpoints import load_world_model
+    from tdmpc_opt.errors import ConfigError
+    from tdmpc_opt.trainer import build_learner
+
+    if args.student_size is not None or m_items:
+        raise ConfigError("--init takes the student's architecture from its checkpoint; drop "
+                          "--student-size and model settings")
+    init, _ = load_world_model(args.init, device)
+    learner = build_learner(init.cfg, cfg, device)
+    learner.model.load_state_dict(init.state_dict())
+    return learner
 
 
 def run(args) -> int:
@@ -129,8 +153,12 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
         if data is None:
             data = _collect(args, Path(args.teacher), run_dir)
     dataset = Dataset(data)
-    student_cfg = _model_config(teacher.cfg.tasks, args.student_size, m_items)
-    learner = build_learner(student_cfg, cfg, device)
+    if args.init:
+        learner = _learner_from(args, m_items, cfg, device)
+        student_cfg = learner.model.cfg
+    else:
+        student_cfg = _model_config(teacher.cfg.tasks, args.student_size, m_items)
+        learner = build_learner(student_cfg, cfg, device)
     check_compatible(teacher, learner.model)
     task_map = None
     if student_cfg.multitask:
@@ -146,7 +174,7 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
             run_dir.path / "teacher-cache"
     config = run_config(learner, planner=planner.__dict__, distill=dcfg.__dict__,
                         teacher=str(args.teacher), teacher_sha256=info["sha256"],
-                        student_size=args.student_size, data=str(data),
+                        student_size=args.student_size, data=str(data), init=args.init,
                         cache=str(cache_dir) if cache_dir else None, **processes_config())
     if main:
         print(f"run directory: {run_dir.path}  (student {learner.model.learnable_parameters():,}"
