@@ -279,3 +279,32 @@ def test_distill_cli_init_starts_from_the_given_weights(tiny_cfg, tmp_path, caps
             assert torch.allclose(out.state_dict()[k], v, atol=1e-4), k
     assert main(base[:1] + ["--run-dir", str(tmp_path / "run2")] + base[1:] + ["latent_dim=8"]) == 2
     assert "--init takes the student's architecture" in capsys.readouterr().err
+
+
+def test_resumed_distillation_equals_an_uninterrupted_one(tiny_cfg, tmp_path):
+    """Student, latent projection and its optimizer come back from the checkpoint."""
+    from tdmpc_opt.distill_trainer import distill_offline
+    from tdmpc_opt.runs import RunDir
+    from tdmpc_opt.trainer import build_learner
+
+    teacher = _nontrivial(WorldModel(tiny_cfg)).eval()
+    ds = _dataset(tmp_path, tiny_cfg)
+    dcfg = DistillConfig(reward_coef=0.45, latent_coef=1.0, plan_coef=0.5, plan_samples=2)
+
+    def run(name, steps, resume=False):
+        cfg = TrainConfig(steps=steps, batch_size=8, eval_freq=0, seed=3, checkpoint_freq=4)
+        learner = build_learner(tiny_cfg, cfg)
+        run_dir = RunDir(tmp_path / name)
+        distill_offline(learner, teacher, "sha-t", ds, np.arange(3), dcfg, run_dir,
+                        resume=resume)
+        state = torch.load(run_dir.latest_checkpoint()[0], weights_only=True)
+        return learner.model.state_dict(), state["extra"]
+
+    straight, straight_extra = run("a", 10)
+    run("b", 6)
+    (tmp_path / "b" / "checkpoints" / "step-00000006.pt").unlink()  # killed before step 6
+    resumed, resumed_extra = run("b", 10, resume=True)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    for k, v in straight_extra["projection"].items():
+        assert torch.equal(v, resumed_extra["projection"][k]), k

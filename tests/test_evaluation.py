@@ -27,6 +27,23 @@ def test_returns_do_not_depend_on_batch_size(tiny_agent):
     assert one == _returns(tiny_agent, specs, 1)  # and across runs
 
 
+def test_a_list_of_action_noises_cycles_over_episodes(tiny_agent):
+    """Episode i takes the (i mod n)-th std: a 0 entry reproduces the noiseless episode, a
+    positive one the single-std run's episode with that noise."""
+    specs = episode_specs(("cartpole-balance",), 4, seed=7)
+
+    def actions(noise):
+        res = run_episodes(tiny_agent, specs, 4, max_steps=6, action_noise=noise,
+                           trajectories=True)
+        return [r.trajectory.action[1:] for r in res]
+
+    quiet, loud, cycled = actions(0.0), actions(0.5), actions((0.0, 0.5))
+    for i in range(4):
+        want = quiet[i] if i % 2 == 0 else loud[i]
+        assert (cycled[i] == want).all(), i
+    assert not (quiet[1] == loud[1]).all()
+
+
 def test_policy_mode_is_batch_invariant_too(tiny_agent):
     agent = tiny_agent.with_planner(mpc=False)
     specs = episode_specs(("walker-walk", "cartpole-balance"), 2, seed=3)

@@ -68,7 +68,7 @@ class _Job:
     threads: int
     fault: str | None
     eval_mode: bool = True
-    action_noise: float = 0.0
+    action_noise: float | tuple[float, ...] = 0.0
     trajectories: bool = False
 
     def run(self, agent, specs: list[EpisodeSpec], on_result=None,
@@ -87,7 +87,8 @@ def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[Epi
                  on_result: Callable[[EpisodeResult], None] | None = None,
                  on_step: Callable[[int], None] | None = None, device: str = "cpu",
                  threads: int = 1, max_retries: int = 3, eval_mode: bool = True,
-                 action_noise: float = 0.0, trajectories: bool = False) -> list[EpisodeResult]:
+                 action_noise: float | tuple[float, ...] = 0.0,
+                 trajectories: bool = False) -> list[EpisodeResult]:
     """Run ``specs`` with the agent of ``checkpoint`` on a backend; results in spec order.
 
     Args:
@@ -115,7 +116,8 @@ def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[Epi
         raise ConfigError(f"workers must be positive, got {workers}")
     if ray_address and backend != "ray":
         raise ConfigError("a Ray address needs the ray backend")
-    if not (math.isfinite(action_noise) and action_noise >= 0):
+    stds = action_noise if isinstance(action_noise, (tuple, list)) else (action_noise,)
+    if not stds or not all(math.isfinite(s) and s >= 0 for s in stds):
         raise ConfigError(f"action noise must be >= 0, got {action_noise}")
     job = _Job(planner, batch_size, max_steps, device, threads, os.environ.get(FAULT_ENV),
                eval_mode, action_noise, trajectories)

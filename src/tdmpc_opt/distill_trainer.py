@@ -64,6 +64,15 @@ class DistillHook:
             distributed.all_reduce_grads(self.distiller.projection.parameters())
         self.distiller.after_update()
 
+    def state_dict(self) -> dict:
+        """The latent projection and its optimizer, pending gradients applied first (so a
+        run resumed from this checkpoint continues exactly like an uninterrupted one)."""
+        self.finish()
+        return self.distiller.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.distiller.load_state_dict(state)
+
 
 def prepare_cache(teacher: WorldModel, teacher_sha256: str, dataset, task_map,
                   cache_dir: Path, latent: bool, progress: bool = False) -> TeacherCache:
@@ -119,6 +128,7 @@ def distill_offline(learner: TDMPC2Learner, teacher: WorldModel, teacher_sha256:
         return evaluate_model(model, present, cfg.eval_episodes, cfg.seed, planner)
 
     last = train_offline(learner, sampler, run, extra_losses=hook if dcfg.any_term else None,
-                         evaluate=evaluate, resume=resume, progress=progress, config=config)
+                         evaluate=evaluate, resume=resume, progress=progress, config=config,
+                         extra_state=hook)
     hook.finish()
     return last

@@ -79,6 +79,7 @@ class _Slot:
     success: float | None = None
     frames: list = field(default_factory=list)
     noise_rng: np.random.Generator | None = None
+    noise_std: float = 0.0
     steps: tuple[list, list, list] | None = None
 
 
@@ -93,14 +94,23 @@ def episode_specs(tasks: Iterable[str], episodes: int, seed: int) -> list[Episod
     return [EpisodeSpec(t, i, episode_seed(seed, t, i)) for t in tasks for i in range(episodes)]
 
 
-def _open_slot(agent: Agent, spec: EpisodeSpec, make_env, record: bool, action_noise: float,
-               trajectory: bool) -> _Slot:
+def noise_for_episode(action_noise: float | tuple[float, ...], episode: int) -> float:
+    """The action-noise std of episode number ``episode``: one std for all, or a tuple that
+    episodes cycle through (episode ``i`` takes ``action_noise[i % len]``)."""
+    if isinstance(action_noise, (tuple, list)):
+        return float(action_noise[episode % len(action_noise)])
+    return float(action_noise)
+
+
+def _open_slot(agent: Agent, spec: EpisodeSpec, make_env, record: bool,
+               action_noise: float | tuple[float, ...], trajectory: bool) -> _Slot:
     env = make_env(spec.task, spec.seed)
     obs, _ = env.reset(seed=spec.seed)
     slot = _Slot(spec, env, obs, torch.Generator().manual_seed(spec.seed), agent.initial_plan(1))
     if record:
         slot.frames.append(env.render())
-    if action_noise:
+    slot.noise_std = noise_for_episode(action_noise, spec.episode)
+    if slot.noise_std:
         slot.noise_rng = np.random.default_rng(spec.seed)
     if trajectory:
         from tdmpc_opt.envs import pad_obs
@@ -110,13 +120,13 @@ def _open_slot(agent: Agent, spec: EpisodeSpec, make_env, record: bool, action_n
     return slot
 
 
-def _take_action(slot: _Slot, action: np.ndarray, action_noise: float) -> np.ndarray:
+def _take_action(slot: _Slot, action: np.ndarray) -> np.ndarray:
     """The action the environment gets: the agent's, plus the episode's Gaussian noise on the
     task's own dimensions (clipped to [-1, 1]); padded dimensions stay as the agent left them."""
     n = slot.env.action_space.shape[0]
     if slot.noise_rng is not None:
         action = action.copy()
-        action[:n] = np.clip(action[:n] + action_noise * slot.noise_rng.standard_normal(n),
+        action[:n] = np.clip(action[:n] + slot.noise_std * slot.noise_rng.standard_normal(n),
                              -1, 1)
     if slot.steps is not None:
         slot.steps[1].append(action)
@@ -136,7 +146,7 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
                  on_step: Callable[[int], None] | None = None,
                  record: Callable[[EpisodeSpec], bool] | None = None,
                  on_video: Callable[[EpisodeSpec, list], None] | None = None,
-                 make_env=None, action_noise: float = 0.0,
+                 make_env=None, action_noise: float | tuple[float, ...] = 0.0,
                  trajectories: bool = False) -> list[EpisodeResult]:
     """Run ``specs`` with up to ``batch_size`` episodes planned together per agent step.
 
@@ -147,7 +157,8 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
         record / on_video: which episodes to render, and what to do with their frames.
         make_env: ``(task, seed) -> env`` (default :func:`tdmpc_opt.envs.make_env`).
         action_noise: std of Gaussian noise added to every action the environment gets
-            (clipped to [-1, 1]), drawn from a generator seeded by the episode's seed.
+            (clipped to [-1, 1]), drawn from a generator seeded by the episode's seed; a
+            tuple gives episode ``i`` the std ``action_noise[i % len]``.
         trajectories: keep each episode's steps in its result's ``trajectory``.
     Returns:
         Results in the order of ``specs``.
@@ -171,7 +182,7 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
         finished = []
         for i, slot in enumerate(slots):
             slot.plan = plans[i:i + 1]
-            action = _take_action(slot, actions[i].numpy(), action_noise)
+            action = _take_action(slot, actions[i].numpy())
             slot.obs, reward, terminated, truncated, info = slot.env.step(action)
             if slot.steps is not None:
                 slot.steps[0].append(pad_obs(slot.obs, agent.cfg.obs_dim))

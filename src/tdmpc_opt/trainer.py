@@ -85,7 +85,7 @@ def _save_model(run: RunDir, learner: TDMPC2Learner, step: int) -> None:
 def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir | None, *,
                   extra_losses: ExtraLosses | None = None, evaluate: Evaluate | None = None,
                   resume: bool = False, progress: bool = False,
-                  config: dict | None = None) -> dict[str, float]:
+                  config: dict | None = None, extra_state=None) -> dict[str, float]:
     """Run ``learner.cfg.steps`` updates on batches from ``sampler``.
 
     Args:
@@ -94,6 +94,8 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
         evaluate: called every ``eval_freq`` updates; its metrics go to ``eval.csv``.
         resume: continue from the run's newest valid checkpoint, if any.
         config: resolved configuration written to ``config.json``.
+        extra_state: anything else a checkpoint must hold (``state_dict()`` /
+            ``load_state_dict()``), e.g. the distiller's latent projection.
 
     Under torchrun every rank calls this with the same arguments except the sampler, which
     draws the rank's ``batch_size / world_size`` rows with its own seed
@@ -110,7 +112,7 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
     writer = run if main else None  # the only rank that writes
     if resume and run is not None:
         check_same_model(run, config)
-    start = _restore(run, learner, sampler) if resume and run else 0
+    start = _restore(run, learner, sampler, extra_state) if resume and run else 0
     if start == 0 and distributed.is_active():  # same start, then each rank its own noise
         distributed.broadcast_module(learner.model)
         torch.manual_seed(distributed.rank_seed(cfg.seed))
@@ -131,7 +133,7 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
             if writer is not None:
                 writer.log("eval", i, result)
         if run is not None and (i % cfg.checkpoint_freq == 0 or i == cfg.steps):
-            state = _state(learner, sampler)  # collective under torchrun
+            state = _state(learner, sampler, extra_state)  # collective under torchrun
             if writer is not None:
                 writer.save_checkpoint(i, state)
                 _save_model(writer, learner, i)
@@ -140,9 +142,11 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
     return metrics
 
 
-def _state(learner: TDMPC2Learner, sampler: SequenceSampler, **extra) -> dict:
+def _state(learner: TDMPC2Learner, sampler: SequenceSampler, extra_state=None) -> dict:
     state = {"learner": learner.state_dict(), "sampler": sampler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "step": learner.step, **extra}
+             "torch_rng": torch.get_rng_state(), "step": learner.step}
+    if extra_state is not None:
+        state["extra"] = extra_state.state_dict()
     if distributed.is_active():  # every rank's own random states, in rank order
         state["ranks"] = distributed.all_gather_object(
             {"sampler": state["sampler"], "torch_rng": state["torch_rng"]})
@@ -159,7 +163,8 @@ def _rank_state(state: dict) -> dict:
     return ranks[distributed.rank()] if ranks else state
 
 
-def _restore(run: RunDir, learner: TDMPC2Learner, sampler: SequenceSampler) -> int:
+def _restore(run: RunDir, learner: TDMPC2Learner, sampler: SequenceSampler,
+             extra_state=None) -> int:
     """Load the newest valid checkpoint; returns its step (0 when there is none).
 
     Under torchrun rank 0 reads it and sends it to the others (no shared filesystem needed).
@@ -171,6 +176,8 @@ def _restore(run: RunDir, learner: TDMPC2Learner, sampler: SequenceSampler) -> i
     _, state = found
     own = _rank_state(state)
     learner.load_state_dict(state["learner"])
+    if extra_state is not None and state.get("extra"):
+        extra_state.load_state_dict(state["extra"])
     sampler.load_state_dict(own["sampler"])
     torch.set_rng_state(own["torch_rng"])
     if distributed.is_main():

@@ -19,6 +19,12 @@ def positive_int(text: str) -> int:
     return value
 
 
+def noise_stds(text: str) -> float | tuple[float, ...]:
+    """argparse type: one std >= 0, or comma-separated stds that episodes cycle through."""
+    parts = [nonnegative_float(t) for t in text.split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite float >= 0."""
     try:

@@ -28,7 +28,7 @@ HELP = "roll an agent out and write its episodes in the dataset format"
 
 
 def add_arguments(p):
-    from tdmpc_opt.cli._common import add_backend_arguments, nonnegative_float, positive_int
+    from tdmpc_opt.cli._common import add_backend_arguments, noise_stds, positive_int
 
     p.add_argument("--checkpoint", required=True, help="model: .pt, .safetensors or run dir")
     p.add_argument("--tasks", required=True, help="task names (comma-separated) or a task set")
@@ -37,8 +37,9 @@ def add_arguments(p):
     p.add_argument("--policy", action="store_true", help="act with the policy prior, no MPPI")
     p.add_argument("--explore", action="store_true",
                    help="act as in training (planner noise / policy samples) instead of eval")
-    p.add_argument("--action-noise", type=nonnegative_float, default=0.0,
-                   help="std of extra Gaussian noise added to every action (clipped to [-1,1])")
+    p.add_argument("--action-noise", type=noise_stds, default=0.0,
+                   help="std of extra Gaussian noise added to every action (clipped to [-1,1]);"
+                        " a list such as 0.3,1.0 gives episode i the (i mod n)-th std")
     p.add_argument("--seed", type=int, default=0, help="seed of environments and noise")
     p.add_argument("--batch", type=positive_int, default=16, help="episodes run together")
     p.add_argument("--max-steps", type=positive_int, default=None,
@@ -101,7 +102,7 @@ def _task_ids(cfg, tasks) -> dict[str, int]:
 
 
 def collect_episodes(agent, tasks, episodes: int, writer, seed: int = 0, explore: bool = False,
-                     action_noise: float = 0.0, batch: int = 16, make_env=None,
+                     action_noise: float | tuple[float, ...] = 0.0, batch: int = 16, make_env=None,
                      on_episode=None, max_steps: int | None = None) -> int:
     """Run ``episodes`` episodes of each task with ``agent`` in this process and append them
     to ``writer`` (task order, then episode order).
@@ -119,7 +120,7 @@ def collect_episodes(agent, tasks, episodes: int, writer, seed: int = 0, explore
 
 
 def collect_on_backend(checkpoint, planner, cfg, tasks, episodes: int, writer, seed: int = 0,
-                       explore: bool = False, action_noise: float = 0.0, batch: int = 16,
+                       explore: bool = False, action_noise: float | tuple[float, ...] = 0.0, batch: int = 16,
                        max_steps: int | None = None, on_episode=None, **backend) -> int:
     """:func:`collect_episodes` with the agent of ``checkpoint`` (model config ``cfg``)
     planning with ``planner``, on a rollout backend: ``backend`` holds the keyword arguments
