@@ -142,17 +142,20 @@ def main() -> int:
     if args.stage == "main":
         todo = [(n, f, s) for n, f in MAIN.items() for s in seeds]
     elif args.stage == "screen":
-        todo = [(f"+{n}", f, seeds[0]) for n, f in EXTRAS.items()]
+        # slowest first (the plan term runs the teacher live), so the pool ends together
+        todo = sorted(((f"+{n}", f, seeds[0]) for n, f in EXTRAS.items()),
+                      key=lambda t: "--plan-coef" not in t[1])
     elif args.stage == "best":
         if not args.best:
             p.error("--stage best needs --best NAME")
         todo = [(f"+{args.best}", EXTRAS[args.best], s) for s in seeds]
     else:
         todo = []
-    if todo:  # the cache is built once, by the first run, before the others start
-        run_one(args, *todo[0])
+    if todo:
+        if not (args.cache / "meta.json").is_file():  # built once, before the others start
+            run_one(args, *todo[0])
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda t: run_one(args, *t), todo[1:]))
+            list(pool.map(lambda t: run_one(args, *t), todo))
     rows = gather(args.out)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     (args.out / "table.md").write_text(table(rows) + "\n")

@@ -44,7 +44,7 @@ def plot_task_returns(results: list[dict], labels: list[str] | None, out: str | 
     tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
     width = 0.8 / len(results)
     x = np.arange(len(tasks))
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(tasks) * max(1, len(results) / 2)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(tasks) * max(1, len(results) / 2)) + 2.5, 4))
     for i, (res, label) in enumerate(zip(results, labels, strict=True)):
         means = [res["tasks"].get(t, {}).get("mean_return", np.nan) for t in tasks]
         stds = [res["tasks"].get(t, {}).get("std_return", 0.0) for t in tasks]
@@ -55,7 +55,9 @@ def plot_task_returns(results: list[dict], labels: list[str] | None, out: str | 
     ax.set_xticks(x, tasks, rotation=45, ha="right")
     ax.set_ylabel("episode return")
     ax.set_ylim(0, 1000)
-    ax.legend(title="model (normalized score)", fontsize=8)
+    # beside the axes: inside, it covers the bars of whichever task scores high
+    ax.legend(title="model (normalized score)", fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
