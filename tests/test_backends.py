@@ -235,3 +235,17 @@ def test_collect_bad_backend_options_are_one_line(ckpt, tmp_path, monkeypatch, c
     assert main([*base[:2], str(tmp_path / "nope.pt"), *base[3:]]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_collect_refuses_a_bad_noise_list_in_one_line(ckpt, tmp_path, capsys):
+    base = ["collect", "--checkpoint", ckpt, "--out", str(tmp_path / "x"), "--tasks",
+            "cartpole-balance", "--episodes", "2", "--max-steps", "3"]
+    for bad in ("0.3,-1", "0.3,,1", "0.3,nan"):
+        with pytest.raises(SystemExit) as exit_:  # argparse's own exit, status 2
+            main([*base, "--action-noise", bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--action-noise" in err, err
+    assert not (tmp_path / "x").exists()
+    assert main([*base, "--action-noise", "0,0.5"]) == 0  # a good list collects
+    assert (tmp_path / "x" / "meta.json").is_file()

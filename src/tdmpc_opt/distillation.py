@@ -40,6 +40,7 @@ samples new actions each update and runs the frozen teacher live.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -217,7 +218,7 @@ def planner_like_actions(action: torch.Tensor, samples: int, min_std: float, max
     h, b, a = action.shape
     base = action.repeat(1, samples, 1)
     log_std = torch.empty(samples * b, 1, device=action.device).uniform_(
-        float(torch.tensor(min_std).log()), float(torch.tensor(max_std).log()))
+        math.log(min_std), math.log(max_std))
     out = (base + log_std.exp() * torch.randn_like(base)).clamp(-1, 1)
     return out if mask is None else out * mask
 
