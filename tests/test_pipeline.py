@@ -70,6 +70,17 @@ def test_tiny_pipeline_makes_every_stage_and_the_report(tmp_path, capsys):
     assert out.count("done earlier, skipped") == len(Pipeline(PipelineConfig(), run).stages())
 
 
+def test_plan_term_reaches_only_the_distilled_student(tmp_path):
+    run = tmp_path / "run"
+    items = [*TINY, "plan_coef=0.5", "tasks=cartpole-balance", "eval_episodes=1"]
+    assert main(["pipeline", "--run-dir", str(run), "--quiet", *items]) == 0
+    distilled = json.loads((run / "distilled" / "config.json").read_text())
+    student = json.loads((run / "student" / "config.json").read_text())
+    assert distilled["distill"]["plan_coef"] == 0.5
+    assert student["distill"]["plan_coef"] == 0.0 and student["distill"]["reward_coef"] == 0.0
+    assert "our plan term with coefficient 0.5" in (run / "report.md").read_text()
+
+
 def _start(run: Path, extra: list[str]) -> subprocess.Popen:
     code = "import sys; from tdmpc_opt.cli import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -190,6 +201,7 @@ def test_config_file_and_overrides_compose(tmp_path):
     (["tasks=walker-flip"], "unknown task 'walker-flip'"),
     (["tasks=mw-reach"], "Meta-World environments are not shipped"),
     (["steps=0"], "steps must be positive"),
+    (["plan_coef=-1"], "plan_coef >= 0"),
     (["stepz=3"], "unknown setting 'stepz'"),
 ])
 def test_bad_settings_get_one_line(tmp_path, capsys, items, message):

@@ -72,6 +72,9 @@ class PipelineConfig:
     """Subsequences per update."""
     coef: float = 0.45
     """The paper's reward-distillation coefficient for the distilled student."""
+    plan_coef: float = 0.0
+    """Our imagined-rollout ``plan`` term added to the distilled student (0: the paper's method
+    alone; docs/distillation.md). It runs the teacher live: about 3x slower training."""
     seed: int = 1
     """Seed of collection, student initialisation and sampling (both students share it)."""
     eval_episodes: int = 2
@@ -113,8 +116,8 @@ class PipelineConfig:
         if self.max_steps < 0 or self.threads < 0 or self.latency_seconds < 0 \
                 or self.workers < 1:
             raise ConfigError("max_steps, threads and latency_seconds must be >= 0, workers >= 1")
-        if self.coef <= 0 or self.collect_noise < 0:
-            raise ConfigError("coef must be > 0 and collect_noise >= 0")
+        if self.coef <= 0 or self.collect_noise < 0 or self.plan_coef < 0:
+            raise ConfigError("coef must be > 0, collect_noise and plan_coef >= 0")
         if not [t for t in self.tasks.split(",") if t.strip()]:
             raise ConfigError("tasks is empty")
         return self
@@ -299,6 +302,8 @@ class Pipeline:
                 "eval_freq=0", f"checkpoint_freq={c.checkpoint_every}", *self._threads()]
         if coef > 0:
             argv += ["--cache-teacher", str(self.dir / "teacher-cache")]
+        if coef > 0 and c.plan_coef > 0:
+            argv += ["--plan-coef", str(c.plan_coef)]
         if any((run_dir / "checkpoints").glob("step-*.pt")):
             argv.append("--resume")
         self._command(argv)

@@ -116,7 +116,9 @@ def markdown(pipe, rows: list[dict], verdict: str, seconds: dict[str, float]) ->
         f"(teacher {rows[0]['parameters']:,}, {rows[0]['parameters'] / rows[1]['parameters']:.1f}x"
         f"), the same dataset ({_data_note(pipe)}), {cfg.steps} updates of batch "
         f"{cfg.batch_size}, training seed {cfg.seed}; the distilled one adds the paper's reward "
-        f"MSE to the teacher with coefficient {cfg.coef}.", "",
+        f"MSE to the teacher with coefficient {cfg.coef}"
+        + (f" and our plan term with coefficient {cfg.plan_coef}" if cfg.plan_coef else "")
+        + ".", "",
         "## Stages", "",
         "| stage | seconds |", "|---|---|",
         *(f"| {k} | {v:.1f} |" for k, v in seconds.items()), "",
