@@ -16,8 +16,8 @@ $(BIN)/tdmpc-opt: pyproject.toml
 install: $(BIN)/tdmpc-opt
 
 # The main job: teacher -> data -> students with and without distillation -> FP16/INT8 ->
-# evaluation -> runs/pipeline/report.md. About 15 minutes on a 2-core CPU; started again after an
-# interruption it continues where it stopped. Settings: make demo ARGS="steps=8000".
+# evaluation -> runs/pipeline/report.md. About 14 minutes on a 2-core CPU, install included;
+# started again after an interruption it continues where it stopped. Settings: make demo ARGS="steps=8000".
 demo: install
 	$(BIN)/tdmpc-opt pipeline --run-dir runs/pipeline $(ARGS)
 

@@ -2,7 +2,8 @@
 FP16 and INT8 distilled student -> evaluation of all -> report.md with a table and figures.
 
 The default needs no download and no GPU: it starts from the project's own 4-task teacher
-(shipped with the package, see docs/teacher.md) and takes about 15 minutes on a 2-core CPU.
+(shipped with the package, see docs/teacher.md), runs on the three tasks it solves and takes
+about 13 minutes on a 2-core CPU.
 Every stage runs the same command a user would (collect, distill, quantize, eval) and is
 skipped when its output exists, so a stopped pipeline continues where it stopped when the
 same command is run again.

@@ -330,7 +330,8 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[2].bar([j + 0.4 * i for j in range(len(rows))],
                     [r["steps_per_s"][b] for r in rows], 0.4, label=f"batch {b}")
     axes[2].set_ylabel("planner steps/s (one thread)")
-    axes[2].legend()
+    if rows and rows[0]["steps_per_s"]:  # no timing asked (--batch ""): an empty panel
+        axes[2].legend()
     for ax in axes:
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
     fig.tight_layout()
