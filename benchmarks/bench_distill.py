@@ -86,7 +86,7 @@ def main() -> None:
         print(f"cache of {dataset.obs.shape[0]:,} rows built in {build_s:.1f} s "
               f"({dataset.obs.shape[0] / build_s:,.0f} rows/s)")
         rates: dict[str, list[float]] = {name: [] for name in MODES}
-        for name, (dcfg, cached) in MODES.items():  # warm-up of every mode
+        for dcfg, cached in MODES.values():  # warm-up of every mode
             timed_run(teacher, student_cfg, dataset, dcfg, tmp / "cache" if cached else None,
                       args.warmup, args.batch)
         for _ in range(args.repeats):  # modes interleaved: machine drift hits all alike

@@ -120,8 +120,9 @@ def collect_episodes(agent, tasks, episodes: int, writer, seed: int = 0, explore
 
 
 def collect_on_backend(checkpoint, planner, cfg, tasks, episodes: int, writer, seed: int = 0,
-                       explore: bool = False, action_noise: float | tuple[float, ...] = 0.0, batch: int = 16,
-                       max_steps: int | None = None, on_episode=None, **backend) -> int:
+                       explore: bool = False, action_noise: float | tuple[float, ...] = 0.0,
+                       batch: int = 16, max_steps: int | None = None, on_episode=None,
+                       **backend) -> int:
     """:func:`collect_episodes` with the agent of ``checkpoint`` (model config ``cfg``)
     planning with ``planner``, on a rollout backend: ``backend`` holds the keyword arguments
     ``backend``, ``workers``, ``ray_address``, ... of :func:`~tdmpc_opt.backends.run_rollouts`.
