@@ -1,9 +1,12 @@
 """Training speed: TD-MPC2 updates per second, and sampling from memory-mapped datasets.
 
 Updates: MT30 dimensions (obs 24, actions 6, 30 tasks), published sizes, batch 256, horizon 3,
-random batches (sampling excluded), for each thread count, with the fused forward passes
-(``fused=True``, the default) and with the world model's own methods (``fused=False``, the
-structure of TD-MPC2's code). Reports the median and best of ``--repeats`` timed updates.
+random batches (sampling excluded), for each thread count and variant: ``fused`` (the default
+forward passes, :class:`~tdmpc_opt.train_forward.FusedNets`) or ``model`` (the world model's own
+methods, the structure of TD-MPC2's code), optionally with ``+bf16`` (``bf16=true``: autocast)
+and ``+compile`` (``compile=true``: inductor). Reports the median and best of ``--repeats``
+timed updates, the first update's time (compilation) and its losses (same model and batch in
+every variant, so the losses after the last one show how far bf16 moves them).
 
 Sampling: a synthetic dataset in our format with N stored transitions (MT30 layout, episodes of
 501 observations) is written under ``--tmp`` and deleted afterwards; a fresh subprocess opens
@@ -11,7 +14,7 @@ it, samples ``--batches`` batches and reports the time per batch and its memory 
 private memory; file-backed RSS is page cache that the kernel can drop).
 
     python benchmarks/bench_training.py                      # everything (a few minutes)
-    python benchmarks/bench_training.py --sizes 1 --threads 2 --no-sampling
+    python benchmarks/bench_training.py --sizes 1 --threads 2 --variants fused+bf16 --no-sampling
 """
 
 from __future__ import annotations
@@ -36,26 +39,48 @@ from tdmpc_opt.training import Batch, TDMPC2Learner, TrainConfig
 from tdmpc_opt.world_model import WorldModel
 
 
-def bench_updates(size: int, threads: int, fused: bool, batch: int, repeats: int) -> dict:
+def parse_variant(variant: str) -> dict:
+    """``fused``, ``model``, optionally ``+bf16`` and/or ``+compile`` -> TrainConfig fields."""
+    forward, *flags = variant.split("+")
+    if forward not in ("fused", "model") or not set(flags) <= {"bf16", "compile"}:
+        raise SystemExit(f"bad variant {variant!r}: use fused|model[+bf16][+compile]")
+    return {"fused": forward == "fused", "bf16": "bf16" in flags, "compile": "compile" in flags}
+
+
+def bench_updates(size: int, threads: int, variants: list[str], batch: int,
+                  repeats: int) -> list[dict]:
+    """Time every variant on the same model initialisation and batch, interleaved: round r
+    times update r of each variant in turn, so machine drift hits them all alike."""
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
     mc = model_config_for(TASK_SETS["mt30"], size)
-    learner = TDMPC2Learner(WorldModel(mc), TrainConfig(batch_size=batch, fused=fused))
     g = torch.Generator().manual_seed(0)
     b = Batch(torch.randn(4, batch, mc.obs_dim, generator=g),
               torch.rand(3, batch, mc.action_dim, generator=g) * 2 - 1,
               torch.rand(3, batch, 1, generator=g), torch.zeros(3, batch, 1),
               torch.randint(0, 30, (batch,), generator=g))
-    for _ in range(3):
-        learner.update(b)
-    times = []
-    for _ in range(repeats):
+    learners, first_s, times, last = {}, {}, {v: [] for v in variants}, {}
+    for v in variants:
+        torch.manual_seed(0)
+        learners[v] = TDMPC2Learner(WorldModel(mc),
+                                    TrainConfig(batch_size=batch, **parse_variant(v)))
         t = time.perf_counter()
-        learner.update(b)
-        times.append(time.perf_counter() - t)
-    med, best = statistics.median(times), min(times)
-    return {"size": size, "threads": threads, "fused": fused, "upd_s_median": 1 / med,
-            "upd_s_best": 1 / best, "ms_median": med * 1e3}
+        learners[v].update(b)  # includes compilation for +compile
+        first_s[v] = time.perf_counter() - t
+        for _ in range(2):
+            learners[v].update(b)
+    for _ in range(repeats):
+        for v in variants:
+            t = time.perf_counter()
+            last[v] = learners[v].update(b)
+            times[v].append(time.perf_counter() - t)
+    out = []
+    for v in variants:
+        med, best = statistics.median(times[v]), min(times[v])
+        out.append({"size": size, "threads": threads, "variant": v, "upd_s_median": 1 / med,
+                    "upd_s_best": 1 / best, "ms_median": med * 1e3,
+                    "first_update_s": first_s[v],
+                    "last_losses": {k: x for k, x in last[v].items() if k.endswith("_loss")}})
+    return out
 
 
 def make_dataset(path: Path, transitions: int, steps: int = 501) -> None:
@@ -118,7 +143,8 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--no-unfused", action="store_true", help="skip fused=False")
+    p.add_argument("--variants", default="model,fused,fused+bf16,fused+bf16+compile",
+                   help="comma list of fused|model[+bf16][+compile]")
     p.add_argument("--no-sampling", action="store_true")
     p.add_argument("--transitions", default="1000000,20000000")
     p.add_argument("--batches", type=int, default=200)
@@ -127,15 +153,18 @@ def main() -> None:
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()} "
           f"torch {torch.__version__}, load average {load}")
-    print("| size | threads | forward | upd/s (median) | upd/s (best) | ms/update |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| size | threads | variant | upd/s (median) | upd/s (best) | ms/update | first update "
+          "| losses after 3 + repeats updates: consistency / reward / value |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in map(int, args.sizes.split(",")):
         for threads in map(int, args.threads.split(",")):
-            for fused in (True,) if args.no_unfused else (False, True):
-                r = bench_updates(size, threads, fused, args.batch, args.repeats)
-                print(f"| {size} | {threads} | {'fused' if fused else 'model'} | "
-                      f"{r['upd_s_median']:.2f} | {r['upd_s_best']:.2f} | {r['ms_median']:.0f} |",
-                      flush=True)
+            for r in bench_updates(size, threads, args.variants.split(","), args.batch,
+                                   args.repeats):
+                fl = r["last_losses"]
+                print(f"| {size} | {threads} | {r['variant']} | {r['upd_s_median']:.2f} | "
+                      f"{r['upd_s_best']:.2f} | {r['ms_median']:.0f} | "
+                      f"{r['first_update_s']:.1f} s | {fl['consistency_loss']:.5f} / "
+                      f"{fl['reward_loss']:.4f} / {fl['value_loss']:.4f} |", flush=True)
     if args.no_sampling:
         return
     print("\n| transitions | on disk | ms/batch (256 x 4) | anon RSS | anon growth | file RSS "

@@ -341,3 +341,37 @@ def test_fused_nets_match_model(fixture, request):
         assert (a is None) == (b is None), n
         if a is not None:
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), n
+
+
+# --------------------------------------------------------- mixed precision, compilation
+def _losses_over_updates(mc, cfg: TrainConfig, n: int) -> list[dict]:
+    torch.manual_seed(0)
+    learner = TDMPC2Learner(WorldModel(mc), cfg)
+    out = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        out.append(learner.update(random_batch(mc, b=64, seed=i)))
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_losses_follow_float32(tiny_cfg, fused):
+    """bfloat16 products (autocast) move every loss by about 1% over several updates."""
+    mc = dataclasses.replace(tiny_cfg, dropout=0.0)
+    ref = _losses_over_updates(mc, TrainConfig(batch_size=64, fused=fused), 6)
+    got = _losses_over_updates(mc, TrainConfig(batch_size=64, fused=fused, bf16=True), 6)
+    for r, g in zip(ref, got, strict=True):
+        for k in ("consistency_loss", "reward_loss", "value_loss"):
+            assert g[k] == pytest.approx(r[k], rel=0.02), k
+        assert abs(g["pi_loss"] - r["pi_loss"]) < 0.02 * max(1.0, abs(r["pi_loss"]))
+        assert all(np.isfinite(v) for v in g.values())
+
+
+def test_compiled_update_equals_eager(tiny_single_cfg):
+    """``compile=true`` computes the same update (without dropout the random draws agree)."""
+    mc = dataclasses.replace(tiny_single_cfg, dropout=0.0)
+    ref = _losses_over_updates(mc, TrainConfig(batch_size=64), 3)
+    got = _losses_over_updates(mc, TrainConfig(batch_size=64, compile=True), 3)
+    for r, g in zip(ref, got, strict=True):
+        for k in ("consistency_loss", "reward_loss", "value_loss", "pi_loss", "grad_norm"):
+            assert g[k] == pytest.approx(r[k], rel=1e-4, abs=1e-6), k

@@ -75,7 +75,8 @@ class ModelNets:
         return self.model.next(z, a, task)
 
     def pi(self, z, task, eps=None) -> PolicyOutput:
-        return self.model.pi(z, task, eps)
+        m = self.model  # float32 from the raw output on (autocast's products are bf16)
+        return m.policy_from_output(m._pi(m.with_task(z, task)).float(), task, eps)
 
     def heads(self, z, a, task):
         """Reward logits ``[..., K]`` and all Q members' logits ``[Q, ..., K]`` at (z, a)."""
@@ -135,7 +136,7 @@ class FusedNets(ModelNets):
 
     def pi(self, z, task, eps=None) -> PolicyOutput:
         m = self.model
-        raw = self._mlp(m._pi, z, task)
+        raw = self._mlp(m._pi, z, task).float()
         return m.policy_from_output(raw, task, eps)
 
     def heads(self, z, a, task):

@@ -36,7 +36,7 @@ from tdmpc_opt import math as tm
 from tdmpc_opt.config import ModelConfig
 from tdmpc_opt.errors import ConfigError
 from tdmpc_opt.train_forward import FusedNets, ModelNets
-from tdmpc_opt.world_model import WorldModel
+from tdmpc_opt.world_model import PolicyOutput, WorldModel
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,16 @@ class TrainConfig:
     fused: bool = True
     """Compute the forward passes with :class:`~tdmpc_opt.train_forward.FusedNets` (same math,
     less work) instead of the world model's own methods."""
+    bf16: bool = False
+    """Run the forward passes under ``torch.autocast`` in bfloat16 (matrix products in bf16,
+    LayerNorm, softmax and losses in float32), CPU or CUDA. Off by default: it changes the
+    rounding (losses agree with float32 to about 1%, tested) for roughly 1.3x the update rate
+    on an AVX-512 CPU."""
+    compile: bool = False
+    """Compile the model-loss forward (rollout, heads, losses) and the policy objective with
+    ``torch.compile`` (inductor): fused elementwise kernels in forward and backward, the same
+    random draws as eager mode (``fallback_random``), so the same update to float32 rounding
+    (tested). Costs 30-60 s of compilation when a run starts."""
     pi_grad_to_task_emb: bool = True
     """Multi-task: keep the policy loss's gradient w.r.t. the task embeddings and apply it
     with the next model step, as TD-MPC2 does (its policy optimizer does not own them)."""
@@ -251,8 +261,9 @@ class TDMPC2Learner:
                   {"params": list(m._termination.parameters()) if m._termination else []},
                   {"params": list(m._Qs.parameters())},
                   {"params": list(m._task_emb.parameters()) if m.cfg.multitask else []}]
-        self.optim = torch.optim.Adam(groups, lr=lr)
-        self.pi_optim = torch.optim.Adam(m._pi.parameters(), lr=lr, eps=1e-5)
+        # fused Adam: the same update in one kernel per group (5x faster than foreach on a CPU)
+        self.optim = torch.optim.Adam(groups, lr=lr, fused=True)
+        self.pi_optim = torch.optim.Adam(m._pi.parameters(), lr=lr, eps=1e-5, fused=True)
         self._model_params = [p for g in groups for p in g["params"]]
         # what the policy loss reaches: the policy, and the task embeddings (their gradient
         # waits for the next model step, so it must be the same on every rank)
@@ -263,6 +274,18 @@ class TDMPC2Learner:
         lengths = m.cfg.episode_lengths or (500,)
         self.discounts = torch.tensor([cfg.discount(n) for n in lengths], device=self.device)
         self.step = 0
+        self._losses_fn = self._rollout_and_losses
+        self._pi_fn = self._pi_objective
+        if cfg.compile:
+            # inductor's pattern matcher fails on this graph in torch 2.13 ("Not all inputs to
+            # pattern found"); the fusions that matter here do not need it
+            opts = {"pattern_matcher": False, "fallback_random": True}
+            self._losses_fn = torch.compile(self._losses_fn, dynamic=False, options=opts)
+            self._pi_fn = torch.compile(self._pi_fn, dynamic=False, options=opts)
+
+    def autocast(self):
+        """The mixed-precision context of the forward passes (disabled unless ``cfg.bf16``)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
     def discount(self, task: torch.Tensor | None) -> torch.Tensor:
         """Per-sequence discount ``[B, 1]`` (multi-task) or a scalar tensor."""
@@ -309,8 +332,15 @@ class TDMPC2Learner:
             zs.append(z)
         zs_t = torch.stack(zs)
         reward_logits, q_logits = nets.heads(zs_t[:-1], batch.action, task_h)
-        term = m.termination(zs_t[1:], task_h) if m.cfg.episodic else None
-        return Rollout(zs_t, next_z, reward_logits, q_logits, target, term)
+        term = m.termination(zs_t[1:], task_h).float() if m.cfg.episodic else None
+        # float32 from here on whatever autocast computed the products in
+        return Rollout(zs_t.float(), next_z.float(), reward_logits.float(), q_logits.float(),
+                       target.float(), term)
+
+    def _rollout_and_losses(self, batch: Batch) -> tuple[Rollout, dict[str, torch.Tensor]]:
+        """The rollout and the model loss terms: the part of an update that ``compile`` fuses."""
+        ro = self.rollout(batch)
+        return ro, self.model_losses(batch, ro)
 
     def model_losses(self, batch: Batch, ro: Rollout) -> dict[str, torch.Tensor]:
         """The four TD-MPC2 model loss terms (unweighted scalars)."""
@@ -337,14 +367,21 @@ class TDMPC2Learner:
         logits = self.nets.q_members(z, a, task, members, detach=True)
         return self.model.decode(logits).mean(0)
 
+    def _pi_objective(self, zs: torch.Tensor, task_h: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, PolicyOutput]:
+        """Average Q ``[H+1, B, 1]`` of two random members at ``(zs, pi(zs))`` (Q parameters
+        detached) and the policy's output: the differentiable part of the policy step."""
+        out = self.nets.pi(zs, task_h)
+        members = torch.randperm(self.model.cfg.num_q, device=zs.device)[:2]
+        return self.detached_q(zs, out.action, task_h, members).float(), out
+
     def update_pi(self, zs: torch.Tensor, task: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One policy step on detached latents ``zs [H+1, B, L]``."""
         task_h = None if task is None else task.expand(zs.shape[0], -1)
-        out = self.nets.pi(zs, task_h)
-        members = torch.randperm(self.model.cfg.num_q, device=zs.device)[:2]
-        q = self.detached_q(zs, out.action, task_h, members)
+        with self.autocast():
+            q, out = self._pi_fn(zs, task_h)
         self.scale.update(distributed.gather_rows(q[0]))
-        loss = policy_loss(self.scale(q), out.scaled_entropy, self.cfg.rho,
+        loss = policy_loss(self.scale(q), out.scaled_entropy.float(), self.cfg.rho,
                            self.cfg.entropy_coef)
         loss.backward()
         distributed.all_reduce_grads(self._pi_params)
@@ -355,8 +392,8 @@ class TDMPC2Learner:
         if not self.cfg.pi_grad_to_task_emb and self.model.cfg.multitask:
             self.model._task_emb.weight.grad = None
         return {"pi_loss": loss.detach(), "pi_grad_norm": norm,
-                "pi_entropy": (-out.log_prob).detach().mean(),
-                "pi_scaled_entropy": out.scaled_entropy.detach().mean(),
+                "pi_entropy": (-out.log_prob).detach().float().mean(),
+                "pi_scaled_entropy": out.scaled_entropy.detach().float().mean(),
                 "pi_scale": self.scale.value[0].clone()}
 
     # ------------------------------------------------------------------ update
@@ -370,8 +407,8 @@ class TDMPC2Learner:
         if tasks is not None and self.model.cfg.multitask:
             tasks = distributed.union_ids(tasks, self.model.cfg.num_tasks)
         self.renorm_task_embeddings(tasks)
-        ro = self.rollout(batch)
-        losses = self.model_losses(batch, ro)
+        with self.autocast():
+            ro, losses = self._losses_fn(batch)
         coefs = self.loss_coefs()
         total = sum(coefs[k] * v for k, v in losses.items())
         if extra_losses is not None:
