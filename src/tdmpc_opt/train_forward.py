@@ -52,6 +52,16 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     return _Mish.apply(x)
 
 
+def _linear(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``layer``'s product; an output layer (a plain ``nn.Linear``: reward and Q bins, policy
+    mean and log-std) always in float32, even under bfloat16 autocast: bf16 logits carry ~3
+    significant digits, too few for the two-hot values and the policy's squashing."""
+    if isinstance(layer, NormedLinear):
+        return F.linear(h, layer.weight, layer.bias)
+    with torch.autocast(h.device.type, enabled=False):
+        return F.linear(h.float(), layer.weight.float(), layer.bias.float())
+
+
 def _post(layer: nn.Module, h: torch.Tensor, training: bool) -> torch.Tensor:
     """What follows the matrix product in a TD-MPC2 layer: dropout, LayerNorm, activation."""
     if not isinstance(layer, NormedLinear):
@@ -125,7 +135,7 @@ class FusedNets(ModelNets):
         h = _post(layers[0], self._first(layers[0].weight, layers[0].bias, x, task, a),
                   self.model.training)
         for layer in layers[1:]:
-            h = _post(layer, F.linear(h, layer.weight, layer.bias), self.model.training)
+            h = _post(layer, _linear(layer, h), self.model.training)
         return h
 
     def encode(self, obs, task):
@@ -149,7 +159,7 @@ class FusedNets(ModelNets):
         hr, hq = h.split([r0.weight.shape[0], e * o], dim=-1)
         hr = _post(r0, hr, m.training)
         for layer in list(m._reward)[1:]:
-            hr = _post(layer, F.linear(hr, layer.weight, layer.bias), m.training)
+            hr = _post(layer, _linear(layer, hr), m.training)
         return hr, self._ensemble_rest(m._Qs, hq, e, None, lambda p: p)
 
     def q_members(self, z, a, task, members, target=False, detach=False):
@@ -171,7 +181,11 @@ class FusedNets(ModelNets):
             return get(p) if members is None else get(p)[members]
 
         for i, layer in enumerate(net.params):
-            if i > 0:
+            if i > 0 and layer.ln is None:  # the output layer: float32 (see _linear)
+                with torch.autocast(h.device.type, enabled=False):
+                    h = torch.baddbmm(sel(layer.bias).float().unsqueeze(1), h.float(),
+                                      sel(layer.weight).float().transpose(1, 2))
+            elif i > 0:
                 w = sel(layer.weight).transpose(1, 2)
                 h = torch.baddbmm(sel(layer.bias).unsqueeze(1), h, w)
             if layer.ln is not None:

@@ -97,10 +97,10 @@ class TrainConfig:
     """Compute the forward passes with :class:`~tdmpc_opt.train_forward.FusedNets` (same math,
     less work) instead of the world model's own methods."""
     bf16: bool = False
-    """Run the forward passes under ``torch.autocast`` in bfloat16 (matrix products in bf16,
-    LayerNorm, softmax and losses in float32), CPU or CUDA. Off by default: it changes the
-    rounding (losses agree with float32 to about 1%, tested) for roughly 1.3x the update rate
-    on an AVX-512 CPU."""
+    """Run the forward passes under ``torch.autocast`` in bfloat16: hidden-layer products in
+    bf16; output layers (reward/Q bins, policy), LayerNorm, softmax and losses in float32;
+    CPU or CUDA; needs ``fused``. Off by default: it changes the rounding (losses agree with
+    float32 to about 1%, tested) for roughly 1.4x the update rate on an AVX-512 CPU."""
     compile: bool = False
     """Compile the model-loss forward (rollout, heads, losses) and the policy objective with
     ``torch.compile`` (inductor): fused elementwise kernels in forward and backward, the same
@@ -123,6 +123,9 @@ class TrainConfig:
             raise ConfigError("need 0 < tau <= 1, 0 < rho <= 1 and enc_lr_scale >= 0")
         if not 0 < self.discount_min <= self.discount_max < 1:
             raise ConfigError("need 0 < discount_min <= discount_max < 1")
+        if self.bf16 and not self.fused:
+            raise ConfigError("bf16=true needs fused=true (the fused forward passes keep the "
+                              "output layers in float32)")
         if self.eval_freq < 0 or self.threads < 0 or (self.seed_steps or 0) < 0:
             raise ConfigError("eval_freq, threads and seed_steps must be >= 0")
         return self
