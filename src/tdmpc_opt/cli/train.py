@@ -12,6 +12,7 @@ the batch split evenly among them; see docs/scaling.md).
 Examples:
   tdmpc-opt data convert datasets/mt30 --out data/mt30
   tdmpc-opt train --data data/mt30 --tasks mt30 --model-size 1 steps=1000000
+  tdmpc-opt train --data data/mt30 --tasks mt30 --model-size 1 bf16=true compile=true  # ~2x on CPU
   tdmpc-opt train --task cartpole-balance --online steps=100000 eval_freq=5000
   tdmpc-opt train --task cartpole-balance --online steps=100000 --run-dir runs/cp --resume
   torchrun --nproc_per_node 4 -m tdmpc_opt.cli train --data data/mt30 --model-size 5 \\
