@@ -234,6 +234,42 @@ def test_plan_term_is_lower_for_the_teacher_itself_and_needs_the_teacher(tiny_cf
         DistillConfig(plan_samples=0).validate()
 
 
+def test_plan_term_matches_the_models_own_methods(tiny_cfg):
+    """The fused plan term computes what a rollout through WorldModel's methods does."""
+    from tdmpc_opt.distillation import horizon_reward_loss, imagined_rollout_loss
+    from tdmpc_opt.training import value_loss
+
+    torch.manual_seed(0)
+    teacher = _nontrivial(WorldModel(tiny_cfg)).eval()
+    student = _nontrivial(WorldModel(tiny_cfg)).eval()
+    batch = _batch(tiny_cfg)
+    task = batch.task.repeat(4)
+    acts = planner_like_actions(batch.action, 4, 0.05, 2.0, teacher.action_mask(task))
+    obs0 = batch.obs[0].repeat(4, 1)
+    with torch.no_grad():  # the literal rollouts
+        z, t_r, t_q = teacher.encode(obs0, task), [], []
+        for a in acts:
+            t_r.append(teacher.decode(teacher.reward(z, a, task)))
+            t_q.append(teacher.decode(teacher.q_logits(z, a, task)).mean(0))
+            z = teacher.next(z, a, task)
+    want_r, want_q = torch.stack(t_r), torch.stack(t_q)
+    got_r, got_q = imagined_targets(teacher, obs0, acts, task)
+    assert torch.allclose(got_r, want_r, atol=1e-5) and torch.allclose(got_q, want_q, atol=1e-5)
+    z0 = student.encode(obs0, task)
+    z, rl, ql = z0, [], []
+    for a in acts:
+        rl.append(student.reward(z, a, task))
+        ql.append(student.q_logits(z, a, task))
+        z = student.next(z, a, task)
+    want = horizon_reward_loss(torch.stack(rl), want_r, student, 0.5) + \
+        value_loss(torch.stack(ql, dim=1), want_q, 0.5, student.cfg)
+    got = imagined_rollout_loss(student, z0, acts, task, want_r, want_q, 0.5)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    (g_got,) = torch.autograd.grad(got, student._dynamics[0].weight, retain_graph=True)
+    (g_want,) = torch.autograd.grad(want, student._dynamics[0].weight)
+    assert torch.allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
 def test_plan_term_training_teaches_the_teachers_ranking(tiny_cfg):
     """A plan-only student learns to rank random action sequences like its teacher."""
     torch.manual_seed(0)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from tdmpc_opt import math as tm
 from tdmpc_opt.errors import ConfigError
+from tdmpc_opt.train_forward import FusedNets
 from tdmpc_opt.training import Batch, Rollout, rho_weights, value_loss
 from tdmpc_opt.world_model import WorldModel
 
@@ -227,14 +228,16 @@ def planner_like_actions(action: torch.Tensor, samples: int, min_std: float, max
 def imagined_targets(teacher: WorldModel, obs0: torch.Tensor, actions: torch.Tensor,
                      task: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's decoded rewards and mean Q ``[H, N, 1]`` along its own latent rollout of
-    ``actions [H, N, A]`` from ``obs0 [N, D]``."""
+    ``actions [H, N, A]`` from ``obs0 [N, D]`` (through the fused forward passes)."""
     was_training = teacher.training
     teacher.eval()
-    z, rewards, qs = teacher.encode(obs0, task), [], []
+    nets = FusedNets(teacher)
+    z, rewards, qs = nets.encode(obs0, task), [], []
     for a in actions:
-        rewards.append(teacher.decode(teacher.reward(z, a, task)))
-        qs.append(teacher.decode(teacher.q_logits(z, a, task)).mean(0))
-        z = teacher.next(z, a, task)
+        reward_logits, q_logits = nets.heads(z, a, task)
+        rewards.append(teacher.decode(reward_logits))
+        qs.append(teacher.decode(q_logits).mean(0))
+        z = nets.next(z, a, task)
     teacher.train(was_training)
     return torch.stack(rewards), torch.stack(qs)
 
@@ -244,12 +247,16 @@ def imagined_rollout_loss(student: WorldModel, z0: torch.Tensor, actions: torch.
                           rho: float) -> torch.Tensor:
     """Student side of the ``plan`` term: roll ``z0 [N, L]`` through ``actions [H, N, A]``;
     rho-weighted mean over steps of reward MSE plus Q two-hot cross-entropy against the
-    teacher's ``t_reward``, ``t_q [H, N, 1]``."""
+    teacher's ``t_reward``, ``t_q [H, N, 1]``. Uses the fused forward passes
+    (:class:`~tdmpc_opt.train_forward.FusedNets`: reward and every Q member's first layer in
+    one product, the task part as a per-task table)."""
+    nets = FusedNets(student)
     z, reward_logits, q_logits = z0, [], []
     for a in actions:
-        reward_logits.append(student.reward(z, a, task))
-        q_logits.append(student.q_logits(z, a, task))
-        z = student.next(z, a, task)
+        r, q = nets.heads(z, a, task)
+        reward_logits.append(r)
+        q_logits.append(q)
+        z = nets.next(z, a, task)
     reward_part = horizon_reward_loss(torch.stack(reward_logits), t_reward, student, rho)
     q_part = value_loss(torch.stack(q_logits, dim=1), t_q, rho, student.cfg)
     return reward_part + q_part
