@@ -105,7 +105,7 @@ class TrainConfig:
     """Compile the model-loss forward (rollout, heads, losses) and the policy objective with
     ``torch.compile`` (inductor): fused elementwise kernels in forward and backward, the same
     random draws as eager mode (``fallback_random``), so the same update to float32 rounding
-    (tested). Costs 30-60 s of compilation when a run starts."""
+    (tested). Costs 30-70 s of compilation when a run starts (less with inductor's cache)."""
     pi_grad_to_task_emb: bool = True
     """Multi-task: keep the policy loss's gradient w.r.t. the task embeddings and apply it
     with the next model step, as TD-MPC2 does (its policy optimizer does not own them)."""
