@@ -261,9 +261,11 @@ def _run(tmp_path, name, cfg, mc, ds, resume=False):
     return learner, run
 
 
-def test_resume_gives_identical_parameters(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("speed", [{}, pytest.param({"compile": True, "bf16": True},
+                                                   marks=pytest.mark.slow, id="compile-bf16")])
+def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, speed):
     ds = tiny_dataset(tmp_path / "ds", tiny_cfg)
-    cfg = TrainConfig(batch_size=16, steps=12, checkpoint_freq=5, log_freq=2)
+    cfg = TrainConfig(batch_size=16, steps=12, checkpoint_freq=5, log_freq=2, **speed)
     straight, _ = _run(tmp_path, "a", cfg, tiny_cfg, ds)
     # "killed" after 7 updates: its newest checkpoint is step 5 (and the end-of-run one at 7)
     _, run_b = _run(tmp_path, "b", dataclasses.replace(cfg, steps=7), tiny_cfg, ds)
