@@ -399,3 +399,18 @@ def test_compiled_update_equals_eager(tiny_single_cfg):
     for r, g in zip(ref, got, strict=True):
         for k in ("consistency_loss", "reward_loss", "value_loss", "pi_loss", "grad_norm"):
             assert g[k] == pytest.approx(r[k], rel=1e-4, abs=1e-6), k
+
+
+def test_bf16_rollout_is_float32(tiny_cfg):
+    """Every Rollout field and the policy's output are float32 under ``bf16=true``."""
+    mc = dataclasses.replace(tiny_cfg, episodic=True)
+    learner = TDMPC2Learner(WorldModel(mc), TrainConfig(batch_size=16, bf16=True))
+    batch = random_batch(mc)
+    with learner.autocast():
+        ro, losses = learner._rollout_and_losses(batch)
+        q, out = learner._pi_objective(ro.zs.detach(), batch.task.expand(H + 1, -1))
+    for name in ("zs", "next_z", "reward_logits", "q_logits", "td_target",
+                 "termination_logits"):
+        assert getattr(ro, name).dtype == torch.float32, name
+    assert q.dtype == out.action.dtype == out.scaled_entropy.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in losses.values())

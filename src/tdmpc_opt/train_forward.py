@@ -63,9 +63,12 @@ def _linear(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 def _post(layer: nn.Module, h: torch.Tensor, training: bool) -> torch.Tensor:
-    """What follows the matrix product in a TD-MPC2 layer: dropout, LayerNorm, activation."""
+    """What follows the matrix product in a TD-MPC2 layer: dropout, LayerNorm, activation --
+    in float32 also when autocast made the product bf16 (CPU autocast would keep LayerNorm,
+    Mish and SimNorm in bf16; the next product casts its input back to bf16 by itself)."""
     if not isinstance(layer, NormedLinear):
         return h
+    h = h.float()
     if layer.dropout is not None:
         h = F.dropout(h, layer.dropout.p, training)
     h = F.layer_norm(h, h.shape[-1:], layer.ln.weight, layer.ln.bias, layer.ln.eps)
@@ -85,8 +88,7 @@ class ModelNets:
         return self.model.next(z, a, task)
 
     def pi(self, z, task, eps=None) -> PolicyOutput:
-        m = self.model  # float32 from the raw output on (autocast's products are bf16)
-        return m.policy_from_output(m._pi(m.with_task(z, task)).float(), task, eps)
+        return self.model.pi(z, task, eps)
 
     def heads(self, z, a, task):
         """Reward logits ``[..., K]`` and all Q members' logits ``[Q, ..., K]`` at (z, a)."""
@@ -146,7 +148,7 @@ class FusedNets(ModelNets):
 
     def pi(self, z, task, eps=None) -> PolicyOutput:
         m = self.model
-        raw = self._mlp(m._pi, z, task).float()
+        raw = self._mlp(m._pi, z, task)
         return m.policy_from_output(raw, task, eps)
 
     def heads(self, z, a, task):
@@ -189,6 +191,7 @@ class FusedNets(ModelNets):
                 w = sel(layer.weight).transpose(1, 2)
                 h = torch.baddbmm(sel(layer.bias).unsqueeze(1), h, w)
             if layer.ln is not None:
+                h = h.float()  # as in _post
                 if layer.dropout is not None:
                     h = F.dropout(h, layer.dropout.p, training)
                 h = F.layer_norm(h, h.shape[-1:]) * sel(layer.ln.weight).unsqueeze(1) \

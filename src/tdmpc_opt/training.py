@@ -335,10 +335,11 @@ class TDMPC2Learner:
             zs.append(z)
         zs_t = torch.stack(zs)
         reward_logits, q_logits = nets.heads(zs_t[:-1], batch.action, task_h)
-        term = m.termination(zs_t[1:], task_h).float() if m.cfg.episodic else None
-        # float32 from here on whatever autocast computed the products in
-        return Rollout(zs_t.float(), next_z.float(), reward_logits.float(), q_logits.float(),
-                       target.float(), term)
+        term = None
+        if m.cfg.episodic:  # a small head: all float32, like the other output layers
+            with torch.autocast(self.device.type, enabled=False):
+                term = m.termination(zs_t[1:], task_h)
+        return Rollout(zs_t, next_z, reward_logits, q_logits, target, term)
 
     def _rollout_and_losses(self, batch: Batch) -> tuple[Rollout, dict[str, torch.Tensor]]:
         """The rollout and the model loss terms: the part of an update that ``compile`` fuses."""
@@ -376,7 +377,7 @@ class TDMPC2Learner:
         detached) and the policy's output: the differentiable part of the policy step."""
         out = self.nets.pi(zs, task_h)
         members = torch.randperm(self.model.cfg.num_q, device=zs.device)[:2]
-        return self.detached_q(zs, out.action, task_h, members).float(), out
+        return self.detached_q(zs, out.action, task_h, members), out
 
     def update_pi(self, zs: torch.Tensor, task: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One policy step on detached latents ``zs [H+1, B, L]``."""
@@ -384,7 +385,7 @@ class TDMPC2Learner:
         with self.autocast():
             q, out = self._pi_fn(zs, task_h)
         self.scale.update(distributed.gather_rows(q[0]))
-        loss = policy_loss(self.scale(q), out.scaled_entropy.float(), self.cfg.rho,
+        loss = policy_loss(self.scale(q), out.scaled_entropy, self.cfg.rho,
                            self.cfg.entropy_coef)
         loss.backward()
         distributed.all_reduce_grads(self._pi_params)
@@ -395,8 +396,8 @@ class TDMPC2Learner:
         if not self.cfg.pi_grad_to_task_emb and self.model.cfg.multitask:
             self.model._task_emb.weight.grad = None
         return {"pi_loss": loss.detach(), "pi_grad_norm": norm,
-                "pi_entropy": (-out.log_prob).detach().float().mean(),
-                "pi_scaled_entropy": out.scaled_entropy.detach().float().mean(),
+                "pi_entropy": (-out.log_prob).detach().mean(),
+                "pi_scaled_entropy": out.scaled_entropy.detach().mean(),
                 "pi_scale": self.scale.value[0].clone()}
 
     # ------------------------------------------------------------------ update
