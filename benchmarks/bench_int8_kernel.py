@@ -1,0 +1,76 @@
+"""The fused int8 CPU kernel against the PyTorch ops it replaces, inside the whole planner.
+
+Plans batch-1 MPPI steps (TD-MPC2's settings) with the published 1M MT30 student in int8,
+each layer's LayerNorm + Mish + quantisation computed either by PyTorch ops
+(``fused_kernel=False``) or by ``cpu_kernels.ln_mish_int8``, eager and ``+compile``. Variants
+are timed interleaved (one call of each in turn) so that drift of a shared machine hits them
+alike; prints the median, quartile and minimum milliseconds per plan and the first action.
+
+    python benchmarks/bench_int8_kernel.py --threads 2 --calls 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tdmpc_opt import cpu_kernels
+from tdmpc_opt.agent import load_agent
+from tdmpc_opt.cli.bench import _plan_inputs
+from tdmpc_opt.fast_model import FastWorldModel
+from tdmpc_opt.planner import plan
+
+DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / \
+    "tdmpc-opt-mt30-1M-fp16.pt"
+VARIANTS = (("int8", False), ("int8", True), ("int8+compile", False), ("int8+compile", True))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--batch", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if not cpu_kernels.available():
+        print(f"fused kernel unavailable: {cpu_kernels.unavailable_reason()}", file=sys.stderr)
+        return 1
+    agent = load_agent(args.checkpoint)
+    _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, args.batch)
+    views = []
+    for precision, fused in VARIANTS:
+        fm = FastWorldModel(agent.model, precision, fused)
+        start = time.perf_counter()
+        action, _ = plan(fm, agent.planner, z, task, prev, t0, True, noise, gamma)
+        views.append((f"{precision} {'fused kernel' if fused else 'PyTorch ops'}", fm,
+                      time.perf_counter() - start, action[0, :3].tolist()))
+    times: list[list[float]] = [[] for _ in views]
+    for _ in range(args.calls):
+        for i, (_, fm, _, _) in enumerate(views):
+            start = time.perf_counter()
+            plan(fm, agent.planner, z, task, prev, t0, True, noise, gamma)
+            times[i].append(time.perf_counter() - start)
+    load = os.getloadavg()[0]
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {args.threads} threads, batch {args.batch}, "
+          f"{args.calls} interleaved calls each, load average {load:.1f} at the end")
+    print("| variant | median ms | p25 ms | min ms | steps/s (median) | first call s "
+          "| action[:3] |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for (name, _, first, action), t in zip(views, times, strict=True):
+        t = sorted(t)
+        med = statistics.median(t)
+        print(f"| {name} | {1e3 * med:.1f} | {1e3 * t[len(t) // 4]:.1f} | {1e3 * t[0]:.1f} | "
+              f"{args.batch / med:.1f} | {first:.1f} | "
+              f"{', '.join(f'{a:.3f}' for a in action)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Hand-fused CPU kernels for the int8 planner, built on first use.
+
+The int8 planner's time goes to two things: ``torch._int_mm`` (near the machine's int8 rate)
+and the elementwise work of every hidden layer: dequantise, LayerNorm, Mish, quantise for the
+next product. ``torch.compile`` fuses that work, but into several passes per layer with a
+thread barrier after each, and its ``exp`` is the slower exact one. ``ln_mish_int8`` does the
+whole layer in one pass per row (``csrc/int8_layer.cpp``), built with PyTorch's own vector
+types (``at::vec``) for the CPU's instruction set and ``torch.utils.cpp_extension`` (needs a
+C++ compiler and ``ninja``; the build takes ~30 s once and is cached in
+``TORCH_EXTENSIONS_DIR``). Where it cannot be built, :func:`available` is False with a reason
+and the planner falls back to the PyTorch ops (``tdmpc_opt.fast_model.ln_mish``).
+
+Numerics: the same formulas as the PyTorch path, with a faster ``exp`` (relative error ~1e-6,
+``at::vec`` ``exp_u20``); the int8 outputs equal the PyTorch path's except where a value lies
+within ~1e-4 of a rounding boundary (tested: fewer than 1 in 1,000 differ, by one step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "int8_layer.cpp"
+_DISABLE_ENV = "TDMPC_OPT_NO_CPU_KERNELS"
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+}
+"""Compiler flags per ``torch.backends.cpu.get_cpu_capability()``: the same vector width
+PyTorch's own kernels use on this CPU (anything else builds ``at::vec``'s portable code)."""
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _build() -> str | None:
+    """Build and load the extension; None on success, else why not."""
+    if os.environ.get(_DISABLE_ENV):
+        return f"disabled by {_DISABLE_ENV}"
+    try:
+        from torch.utils.cpp_extension import load
+    except ImportError as err:  # pragma: no cover - part of torch
+        return str(err)
+    isa = torch.backends.cpu.get_cpu_capability()
+    log.info("building the fused int8 CPU kernel for %s (once; ~30 s)", isa)
+    flags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])]  # at::parallel_for is OpenMP
+    try:
+        load(f"tdmpc_opt_cpu_{isa.lower()}", [str(_SOURCE)], extra_cflags=flags,
+             is_python_module=False, verbose=False)
+    except Exception as err:  # no compiler / ninja, or a failed build: fall back
+        first = str(err).splitlines()[0] if str(err) else ""
+        return f"{type(err).__name__}: {first[:160]}"
+    _register_fake()
+    return None
+
+
+def _register_fake() -> None:
+    """Shapes for ``torch.compile`` tracing (the op is an opaque call in compiled graphs)."""
+    @torch.library.register_fake("tdmpc_opt_cpu::ln_mish_int8")
+    def _(base, acc, col_scale, row_scale, a, wa, w, b, eps):
+        m, n = (acc if acc is not None else a).shape[0], w.shape[0]
+        return w.new_empty((m, n), dtype=torch.int8), w.new_empty((m, 1))
+
+
+def available() -> bool:
+    """Whether :func:`ln_mish_int8` can run here (builds the extension on the first call)."""
+    with _lock:
+        if "error" not in _state:
+            _state["error"] = _build()
+            if _state["error"] is not None:
+                log.warning("fused int8 CPU kernel unavailable (%s); using PyTorch ops",
+                            _state["error"])
+    return _state["error"] is None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    available()
+    return _state["error"]  # type: ignore[return-value]
+
+
+def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.Tensor | None,
+                 row_scale: torch.Tensor | None, a: torch.Tensor | None,
+                 wa: torch.Tensor | None, weight: torch.Tensor, norm_bias: torch.Tensor,
+                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's pre-activation, LayerNorm and Mish, quantised for the next product.
+
+    Pre-activation of row ``i``: ``base[i // (M / G)] + acc[i] * col_scale * row_scale[i] +
+    a[i] @ wa``, where ``base [G, >=N]`` is a bias per group of consecutive rows (the layer's
+    bias, ``G = 1``, or a first layer's task bias per environment), ``acc [M, >=N]`` int32
+    products with weight scales ``col_scale [>=N]`` and input scales ``row_scale [M, 1]``, and
+    ``a [M, A]``, ``wa [A, >=N]`` a first layer's action inputs and weights (float32); either
+    part may be None, not both. ``weight``, ``norm_bias``: LayerNorm affine ``[N]``.
+    Returns ``(q [M, N] int8, scale [M, 1])`` with ``q * scale ~= mish(layer_norm(x))``.
+    """
+    return torch.ops.tdmpc_opt_cpu.ln_mish_int8(base, acc, col_scale, row_scale, a, wa, weight,
+                                                 norm_bias, eps)

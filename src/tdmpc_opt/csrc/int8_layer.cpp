@@ -1,0 +1,166 @@
+// One layer's elementwise work for the int8 planner, fused into one pass per row:
+//   x = base[row's group] + acc * col_scale * row_scale (int32 products, if any)
+//       + a @ wa (the few action inputs of a first layer, if any)
+//   y = LayerNorm(x) * w + b                   (two-pass mean and variance, like PyTorch)
+//   top = max(mish(max_j y_j), 0.30885) / 127  (bounds every |mish(y_j)| / 127)
+//   q = round(mish(y) / top) as int8, mish(y) = y * n / (n + 2), n = e (e + 2), e = exp(min(y, 20))
+// Returns (q [M, N] int8, top [M, 1] float32): the next product's input and its row scales.
+// Rows are independent, so a row's result never depends on the batch it is computed in.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+float sum_lanes(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+float max_lanes(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+float mish(float y) {
+  const float e = std::exp(std::min(y, 20.f)), n = (e + 2.f) * e;
+  return y * n / (n + 2.f);
+}
+
+// Pre-activation row into buf; returns its sum.
+//   x = base + acc * cs * rs (if acc) + a @ wa (if a; wa is [A, >=n] with row stride ldw)
+float load_row(const float* base, const int32_t* acc, const float* cs, float rs,
+               const float* a, int64_t na, const float* wa, int64_t ldw, int64_t n,
+               float* buf) {
+  const int64_t V = Vec::size();
+  int64_t j = 0;
+  Vec s(0.f);
+  for (; j + V <= n; j += V) {
+    Vec v = Vec::loadu(base + j);
+    if (acc)
+      v = v + at::vec::convert<float>(at::vec::Vectorized<int32_t>::loadu(acc + j)) *
+                  Vec::loadu(cs + j) * Vec(rs);
+    for (int64_t k = 0; k < na; ++k) v = at::vec::fmadd(Vec(a[k]), Vec::loadu(wa + k * ldw + j), v);
+    v.store(buf + j);
+    s = s + v;
+  }
+  float sum = sum_lanes(s);
+  for (; j < n; ++j) {
+    float v = base[j];
+    if (acc) v += float(acc[j]) * cs[j] * rs;
+    for (int64_t k = 0; k < na; ++k) v = std::fma(a[k], wa[k * ldw + j], v);
+    buf[j] = v;
+    sum += v;
+  }
+  return sum;
+}
+
+// LayerNorm + Mish + int8 of the row in buf (n values); writes q[0:n] and *top_out.
+void finish_row(const float* w, const float* b, int64_t n, float sum, float eps, float* buf,
+                int8_t* q, float* top_out) {
+  const int64_t V = Vec::size();
+  const float mean = sum / n;
+  const Vec m(mean);
+  Vec sq(0.f);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    Vec d = Vec::loadu(buf + j) - m;
+    sq = sq + d * d;
+  }
+  float var = sum_lanes(sq);
+  for (; j < n; ++j) var += (buf[j] - mean) * (buf[j] - mean);
+  const float rstd = 1.f / std::sqrt(var / n + eps);
+  const Vec r(rstd);
+  Vec mx(-INFINITY);
+  float top = -INFINITY;
+  for (j = 0; j + V <= n; j += V) {
+    Vec y = (Vec::loadu(buf + j) - m) * r * Vec::loadu(w + j) + Vec::loadu(b + j);
+    y.store(buf + j);
+    mx = at::vec::maximum(mx, y);
+  }
+  for (; j < n; ++j) {
+    buf[j] = (buf[j] - mean) * rstd * w[j] + b[j];
+    top = std::max(top, buf[j]);
+  }
+  top = std::max(mish(std::max(top, max_lanes(mx))), 0.30885f) / 127.f;
+  *top_out = top;
+  const Vec t(top), two(2.f), cap(20.f);
+  for (j = 0; j + V <= n; j += V) {
+    Vec y = Vec::loadu(buf + j);
+    Vec e = at::vec::minimum(y, cap).exp_u20();  // ~1e-6 relative: far below int8 steps
+    Vec nn = (e + two) * e;
+    at::vec::convert<int8_t>((y * nn / (nn + two) / t).round()).store(q + j, V);
+  }
+  for (; j < n; ++j) q[j] = static_cast<int8_t>(std::nearbyint(mish(buf[j]) / top));
+}
+
+const float* float_ptr(const std::optional<at::Tensor>& t, at::Tensor& keep, int64_t min_numel,
+                       const char* name) {
+  if (!t) return nullptr;
+  keep = t->contiguous();
+  TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.numel() >= min_numel,
+              "ln_mish_int8: ", name, " must be float32 with at least ", min_numel, " values");
+  return keep.data_ptr<float>();
+}
+
+std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
+    const at::Tensor& base, const std::optional<at::Tensor>& acc,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& row_scale,
+    const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& wa,
+    const at::Tensor& w, const at::Tensor& b, double eps) {
+  TORCH_CHECK(acc || a, "ln_mish_int8: needs products (acc) or actions (a)");
+  const int64_t n = w.numel(), m = acc ? acc->size(0) : a->size(0);
+  TORCH_CHECK(base.dim() == 2 && base.size(1) >= n && base.size(0) > 0 && m % base.size(0) == 0,
+              "ln_mish_int8: base must be [G, >=N] with G dividing M");
+  at::Tensor basec = base.contiguous(), wc = w.contiguous(), bc = b.contiguous(), cs, rs, ac,
+             wac;
+  const int32_t* accp = nullptr;
+  int64_t ld = 0;
+  if (acc) {
+    TORCH_CHECK(acc->scalar_type() == at::kInt && acc->dim() == 2 && acc->stride(1) == 1 &&
+                    acc->size(1) >= n, "ln_mish_int8: acc must be int32 [M, >=N], rows contiguous");
+    TORCH_CHECK(col_scale && row_scale, "ln_mish_int8: acc needs col_scale and row_scale");
+    accp = acc->data_ptr<int32_t>();
+    ld = acc->stride(0);
+  }
+  const float* csp = acc ? float_ptr(col_scale, cs, n, "col_scale") : nullptr;
+  const float* rsp = acc ? float_ptr(row_scale, rs, m, "row_scale") : nullptr;
+  const float* ap = float_ptr(a, ac, 0, "a");
+  const int64_t na = a ? ac.size(1) : 0;
+  TORCH_CHECK(!a || (ac.dim() == 2 && ac.size(0) == m && wa && wa->dim() == 2 &&
+                     wa->size(0) == na && wa->size(1) >= n),
+              "ln_mish_int8: a must be [M, A] with wa [A, >=N]");
+  const float* wap = a ? float_ptr(wa, wac, 0, "wa") : nullptr;
+  const int64_t ldw = a ? wac.stride(0) : 0, ldb = basec.stride(0), per = m / base.size(0);
+  const float* bp0 = float_ptr(basec, basec, n, "base");
+  const float* wp = float_ptr(wc, wc, n, "w");
+  const float* bp = float_ptr(bc, bc, n, "b");
+  auto q = at::empty({m, n}, w.options().dtype(at::kChar));
+  auto top = at::empty({m, 1}, w.options());
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* tp = top.data_ptr<float>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(n);
+    for (int64_t i = begin; i < end; ++i) {
+      const float sum = load_row(bp0 + (i / per) * ldb, accp ? accp + i * ld : nullptr, csp,
+                                 rsp ? rsp[i] : 0.f, ap ? ap + i * na : nullptr, na, wap, ldw, n,
+                                 buf.data());
+      finish_row(wp, bp, n, sum, static_cast<float>(eps), buf.data(), qp + i * n, tp + i);
+    }
+  });
+  return {q, top};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tdmpc_opt_cpu, m) {
+  m.def("ln_mish_int8(Tensor base, Tensor? acc, Tensor? col_scale, Tensor? row_scale, "
+        "Tensor? a, Tensor? wa, Tensor w, Tensor b, float eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) { m.impl("ln_mish_int8", &ln_mish_int8); }

@@ -1,0 +1,122 @@
+"""The fused int8 CPU kernel against the PyTorch ops it replaces."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tdmpc_opt import cpu_kernels
+from tdmpc_opt.config import PlannerConfig
+from tdmpc_opt.fast_model import Dense, FastWorldModel, ln_mish, quantize_rows
+from tdmpc_opt.planner import draw_noise, plan
+from tdmpc_opt.world_model import WorldModel
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason=f"fused CPU kernel: {cpu_kernels.unavailable_reason()}")
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
+    """The PyTorch path: LayerNorm + Mish with int8 row scales, then the next product's
+    quantisation."""
+    h, top = ln_mish(x, (w, b), int8_scale=True)
+    return quantize_rows(h, top)
+
+
+def _assert_int8_close(got, want):
+    (q, s), (q_ref, s_ref) = got, want
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    diff = (q.int() - q_ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("m,n", [(488, 384), (5, 20), (33, 101)])
+def test_hidden_layer_equals_pytorch_ops(m, n):
+    """int32 products + weight and row scales + bias: one row at a time, any width."""
+    g = torch.Generator().manual_seed(m)
+    dense = Dense(torch.randn(n, 64, generator=g), torch.randn(n, generator=g), "int8")
+    x = torch.randn(m, 64, generator=g)
+    w, b = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.1
+    acc, row_scale = dense.int32_products(x)
+    got = cpu_kernels.ln_mish_int8(dense.bias[None], acc, dense.scale, row_scale, None, None,
+                                   w, b)
+    _assert_int8_close(got, _reference(dense(x), w, b))
+
+
+def test_first_layer_parts_equal_pytorch_ops():
+    """Per-environment base rows, latent products and action inputs summed in the kernel."""
+    g = torch.Generator().manual_seed(0)
+    envs, rows, n, a_dim = 3, 40, 96, 5
+    z_dense = Dense(torch.randn(n, 32, generator=g), None, "int8")
+    a_dense = Dense(torch.randn(n, a_dim, generator=g), None, "fp32")
+    base = torch.randn(envs, n, generator=g)
+    z = torch.softmax(torch.randn(envs * rows, 32, generator=g), -1)
+    a = torch.rand(envs * rows, a_dim, generator=g) * 2 - 1
+    w, b = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.1
+    pre = (a_dense(a).view(envs, rows, n) + base[:, None]).view(envs * rows, n)
+    for zq in (quantize_rows(z), None):
+        acc, row_scale = z_dense.int32_products(*zq) if zq else (None, None)
+        got = cpu_kernels.ln_mish_int8(base, acc, z_dense.scale if zq else None, row_scale,
+                                       a, a_dense.weight, w, b)
+        want_pre = pre if zq is None else z_dense.accumulate_(pre.clone(), z)
+        _assert_int8_close(got, _reference(want_pre, w, b))
+
+
+def test_bad_shapes_are_refused():
+    w = torch.ones(8)
+    with pytest.raises(RuntimeError, match="base must be"):
+        cpu_kernels.ln_mish_int8(torch.zeros(3, 8), None, None, None, torch.zeros(4, 2),
+                                 torch.zeros(2, 8), w, w)
+    with pytest.raises(RuntimeError, match="needs products"):
+        cpu_kernels.ln_mish_int8(torch.zeros(1, 8), None, None, None, None, None, w, w)
+
+
+# ------------------------------------------------------------------ in the planner
+def _model(cfg):
+    torch.manual_seed(0)
+    return WorldModel(cfg).eval()
+
+
+@torch.no_grad()
+def test_planner_predictions_with_and_without_kernel(tiny_cfg):
+    model = _model(tiny_cfg)
+    fused, plain = FastWorldModel(model, "int8", True), FastWorldModel(model, "int8", False)
+    assert fused.fused_kernel and not plain.fused_kernel
+    task = torch.tensor([0, 1, 2])
+    z = plain.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim), task))
+    z = z[:, None].expand(3, 40, -1).contiguous()
+    rows, mask, eps = plain.task_rows(task, 3), plain.mask(task), torch.randn(3, 40, 6)
+    a, a_fused = plain.policy(z, rows, eps, mask), fused.policy(z, rows, eps, mask)
+    torch.testing.assert_close(a_fused, a, atol=1e-3, rtol=0)
+    q, q_fused = plain.q_members(z, a, rows, [0, 1]), fused.q_members(z, a, rows, [0, 1])
+    torch.testing.assert_close(q_fused, q, atol=1e-3, rtol=1e-3)
+    pre = fused.first_layers(a[:, :5].contiguous(), torch.randn(2, 3, fused.dyn1["task"].shape[1]),
+                             z[:, :5].reshape(15, -1))
+    nxt, rew = fused.dyn_rew(pre)
+    assert nxt.shape == (15, tiny_cfg.latent_dim) and rew.shape == (15, tiny_cfg.num_bins)
+
+
+def test_fused_plan_is_batch_invariant_and_refuses_other_precisions(tiny_cfg):
+    model = _model(tiny_cfg)
+    pcfg = PlannerConfig(iterations=2, num_samples=32, num_elites=8, num_pi_trajs=4)
+    fm = FastWorldModel(model, "int8", True)
+    task = torch.tensor([0, 2, 1])
+    z = model.encode(torch.randn(3, tiny_cfg.obs_dim), task)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    noise = draw_noise(pcfg, tiny_cfg.action_dim, tiny_cfg.num_q, 3, gens)
+    prev, t0, gamma = torch.zeros(3, pcfg.horizon, tiny_cfg.action_dim), \
+        torch.tensor([True, False, True]), torch.full((3,), 0.99)
+    act, mean = plan(fm, pcfg, z, task, prev, t0, True, noise, gamma)
+    for i in range(3):
+        a1, m1 = plan(fm, pcfg, z[i:i + 1], task[i:i + 1], prev[i:i + 1], t0[i:i + 1], True,
+                      noise[i:i + 1], gamma[i:i + 1])
+        assert torch.equal(a1[0], act[i]) and torch.equal(m1[0], mean[i])
+    with pytest.raises(ValueError, match="int8 on a CPU"):
+        FastWorldModel(model, "fp32", True)
+
+
+def test_reference_helper_matches_layer_norm_mish():
+    """The reference used above is the PyTorch path itself (not a re-derivation)."""
+    x = torch.randn(7, 16)
+    w, b = torch.rand(16) + 0.5, torch.randn(16)
+    q, s = _reference(x, w, b)
+    torch.testing.assert_close(q.float() * s, F.mish(F.layer_norm(x, (16,), w, b)),
+                               atol=float(s.max()) / 2 + 1e-6, rtol=0)
