@@ -83,6 +83,10 @@ def test_published_checkpoint_short_episode_cli_and_resume(fp16_ckpt, tmp_path, 
     assert main(args) == 0
     assert "resuming: 2 of 2" in capsys.readouterr().out
     assert json.loads(out.read_text())["tasks"] == first["tasks"]
+    # another precision is another evaluation: nothing resumed, the runtime recorded
+    assert main(args + ["--precision", "int8"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert json.loads(out.read_text())["runtime"] == "int8"
 
 
 def test_cartpole_balance_short_run_scores_high(fp16_ckpt):
@@ -98,6 +102,7 @@ def test_cartpole_balance_short_run_scores_high(fp16_ckpt):
     (["--episodes", "0"], "must be positive"),
     (["--tasks", "cartpole-balance", "horizon=0"], "horizon must be positive"),
     (["--tasks", "cartpole-balance", "num_sample=3"], "did you mean 'num_samples'"),
+    (["--tasks", "cartpole-balance", "--precision", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_bad_input_is_one_clear_line(fp16_ckpt, capsys, argv, message):
     code = None

@@ -146,6 +146,9 @@ def test_precision_agent_plans_in_its_precision(tiny_file, tiny_planner):
         assert torch.isfinite(act(with_precision(base, precision))).all()
     with pytest.raises(QuantizationError, match="unknown precision"):
         with_precision(base, "fp8")
+    with pytest.raises(QuantizationError, match="unknown precision"):
+        with_precision(base, "fp8+compile")
+    assert with_precision(base, "int8+compile").precision == "int8+compile"
 
 
 def test_calibration_never_increases_layer_error(tiny_model, tiny_file, tmp_path):

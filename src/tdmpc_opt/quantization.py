@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from tdmpc_opt.agent import Agent
 from tdmpc_opt.errors import CheckpointError, TdmpcError
+from tdmpc_opt.fast_model import COMPILE_SUFFIX
 
 FORMATS = ("fp16", "bf16", "int8", "int8-dynamic")
 RUNTIMES = ("auto", "fp32", "bf16", "int8")
@@ -241,10 +242,10 @@ def load_fast_agent(path: str | Path, runtime: str = "auto", planner=None, **kwa
 
 def with_precision(agent: Agent, precision: str) -> Agent:
     """An :class:`~tdmpc_opt.agent.Agent` sharing ``agent``'s model, planner settings and info,
-    planning in ``precision`` (the encoder stays float32)."""
-    if precision not in RUNTIMES[1:]:
+    planning in ``precision`` (the encoder stays float32), optionally ``+compile``d."""
+    if precision.removesuffix(COMPILE_SUFFIX) not in RUNTIMES[1:]:
         raise QuantizationError(f"unknown precision {precision!r}; choose one of "
-                                f"{RUNTIMES[1:]}")
+                                f"{RUNTIMES[1:]}, optionally with {COMPILE_SUFFIX!r}")
     return Agent(agent.model, agent.planner, agent.device, dict(agent.info, runtime=precision),
                  precision)
 

@@ -11,6 +11,7 @@ Examples:
   tdmpc-opt eval --checkpoint student.safetensors --tasks mt30 --episodes 10
   tdmpc-opt eval --checkpoint ckpt.pt --tasks cartpole-balance --planner policy
   tdmpc-opt eval --checkpoint ckpt.pt --tasks walker-walk num_samples=256 iterations=4
+  tdmpc-opt eval --checkpoint student-int8-dynamic.safetensors --tasks mt30 --compile
   tdmpc-opt eval --checkpoint ckpt.pt --tasks mt30 --workers 2        # 2 local processes
   tdmpc-opt eval --checkpoint ckpt.pt --tasks mt30 --backend ray --ray-address auto
 
@@ -45,6 +46,12 @@ def add_arguments(p):
                    help="cut episodes after this many agent steps (default: full 500)")
     p.add_argument("--json", default=None, help="write results here (and resume from it)")
     p.add_argument("--video", default=None, help="write one MP4 per task into this folder")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
+                   help="planner precision (default auto: int8 for int8-dynamic files, bf16 "
+                        "for bf16 files, else fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the planner (the first plan of each batch size "
+                        "compiles, about a minute)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     add_backend_arguments(p)
@@ -117,10 +124,13 @@ def run(args) -> int:
     if args.threads and in_process:
         torch.set_num_threads(args.threads)
     planner = apply_overrides(PlannerConfig(mpc=args.planner == "mppi"), args.overrides)
-    from tdmpc_opt.quantization import load_fast_agent
+    from tdmpc_opt.quantization import load_fast_agent, with_precision
 
-    # an int8-dynamic or bf16 file plans in that precision, as it would when deployed
-    agent = load_fast_agent(args.checkpoint, planner=planner, device=args.device)
+    # by default an int8-dynamic or bf16 file plans in that precision, as when deployed
+    agent = load_fast_agent(args.checkpoint, args.precision, planner=planner,
+                            device=args.device)
+    if args.compile:
+        agent = with_precision(agent, agent.precision + "+compile")
     tasks = resolve_tasks(args.tasks) if args.tasks else agent.cfg.tasks
     if not tasks:
         from tdmpc_opt.errors import TaskError
