@@ -3,7 +3,8 @@
 //       + a @ wa (the few action inputs of a first layer, if any)
 //   y = LayerNorm(x) * w + b                   (two-pass mean and variance, like PyTorch)
 //   top = max(mish(max_j y_j), 0.30885) / 127  (bounds every |mish(y_j)| / 127)
-//   q = round(mish(y) / top) as int8, mish(y) = y * n / (n + 2), n = e (e + 2), e = exp(min(y, 20))
+//   q = round(y * n / ((n + 2) * top)) as int8, i.e. round(mish(y) / top), where
+//       n = e (e + 2), e = exp(min(y, 20)), mish(y) = y * n / (n + 2)
 // Returns (q [M, N] int8, top [M, 1] float32): the next product's input and its row scales.
 // Rows are independent, so a row's result never depends on the batch it is computed in.
 #include <torch/extension.h>
@@ -94,7 +95,7 @@ void finish_row(const float* w, const float* b, int64_t n, float sum, float eps,
     Vec y = Vec::loadu(buf + j);
     Vec e = at::vec::minimum(y, cap).exp_u20();  // ~1e-6 relative: far below int8 steps
     Vec nn = (e + two) * e;
-    at::vec::convert<int8_t>((y * nn / (nn + two) / t).round()).store(q + j, V);
+    at::vec::convert<int8_t>((y * nn / ((nn + two) * t)).round()).store(q + j, V);
   }
   for (; j < n; ++j) q[j] = static_cast<int8_t>(std::nearbyint(mish(buf[j]) / top));
 }
