@@ -1,0 +1,91 @@
+"""Where int8 planning loses its score (docs/quantization.md, "Where the loss comes from").
+
+Plans the int8 file written by ``tdmpc-opt report-quant`` with one source of int8 error
+changed at a time and prints the episode returns (seed 1, 2 episodes per task):
+
+* ``act8`` / ``act8asym`` / ``act10`` / ``act12``: float32 products on the file's weights with
+  every LayerNorm + Mish output rounded per row to a symmetric 8/10/12-bit code (``act8``
+  reproduces the int8 planner) or an asymmetric 8-bit code over ``[-0.31, row max]``;
+* ``heads``: the int8 planner (PyTorch ops) with the reward and Q output layers in float32
+  on float inputs;
+* ``latent``: the int8 planner with every product of a latent input in float32.
+
+    python experiments/int8_error_sources.py act12 \
+        --checkpoint runs/quant-scores-kernel/int8-dynamic.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import tdmpc_opt.fast_model as fast_model
+from tdmpc_opt.evaluation import episode_specs, run_episodes
+from tdmpc_opt.fast_model import Dense, fast_view
+from tdmpc_opt.quantization import load_fast_agent
+
+MISH_LOW = -0.30885
+VARIANTS = ("act8", "act8asym", "act10", "act12", "heads", "latent")
+
+
+def rounded_activations(variant: str):
+    """A replacement for ``fast_model.ln_mish`` whose outputs are rounded per row."""
+    exact = fast_model.ln_mish
+
+    def ln_mish(x, norm, int8_scale=False):
+        h, _ = exact(x, norm, False)
+        if variant == "act8asym":
+            step = (h.amax(-1, keepdim=True) - MISH_LOW).clamp_min(1e-12) / 255
+            return torch.round((h - MISH_LOW) / step) * step + MISH_LOW, None
+        levels = 2 ** (int(variant[3:]) - 1) - 1
+        step = h.abs().amax(-1, keepdim=True).clamp_min(1e-12) / levels
+        return torch.round(h / step) * step, None
+    return ln_mish
+
+
+def float_layers(view, model, variant: str) -> None:
+    """Put the ``heads`` or ``latent`` products of an int8 view in float32."""
+    view.fused_kernel = False
+    q = model._Qs.params
+    if variant == "heads":
+        view.q3 = [Dense(q[2].weight[m], q[2].bias[m], "fp32") for m in range(view.cfg.num_q)]
+        view.rew3 = Dense(model._reward[2].weight, model._reward[2].bias, "fp32")
+        return
+    lat = view.cfg.latent_dim
+
+    def latent_part(weight):
+        return Dense(weight.detach().float()[:, :lat][:, view.perm], None, "fp32")
+    view.dyn1["z"] = latent_part(model._dynamics[0].weight)
+    view.rew1["z"] = latent_part(model._reward[0].weight)
+    view.pi1["z"] = latent_part(model._pi[0].weight)
+    for m in range(view.cfg.num_q):
+        view.q1[m]["z"] = latent_part(q[0].weight[m])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("variant", choices=VARIANTS)
+    p.add_argument("--checkpoint", required=True, help="an int8-dynamic file")
+    p.add_argument("--tasks", default="cartpole-balance,pendulum-spin")
+    p.add_argument("--episodes", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.variant.startswith("act"):
+        fast_model.ln_mish = rounded_activations(args.variant)
+        agent = load_fast_agent(args.checkpoint, "fp32")
+    else:
+        agent = load_fast_agent(args.checkpoint, "int8")
+        float_layers(fast_view(agent.model, "int8"), agent.model, args.variant)
+    specs = episode_specs(tuple(args.tasks.split(",")), args.episodes, args.seed)
+    returns: dict[str, list[float]] = {}
+    for r in run_episodes(agent, specs):
+        returns.setdefault(r.task, []).append(round(r.episode_return, 1))
+    print(json.dumps({"variant": args.variant, "returns": returns}))
+
+
+if __name__ == "__main__":
+    main()
