@@ -414,12 +414,13 @@ class FastWorldModel:
         """Sum of the decoded Q of ``members``: ``z [B, R, L], a [B, R, A]`` -> ``[B, R]``."""
         b, r, _ = z.shape
         zf, af = z.reshape(b * r, -1), a.reshape(b * r, -1)
-        zq = quantize_rows(zf) if self.fused_kernel else None
+        if self.fused_kernel:  # shared by the members
+            zq, af = quantize_rows(zf), af.contiguous()
         logits = []
         for m in members:
             first = self.q1[m]
             if self.fused_kernel:
-                pre = self._parts(first, first["task"][task_rows], zq, af.contiguous())
+                pre = self._parts(first, first["task"][task_rows], zq, af)
             else:
                 acc = first["a"](af).view(b, r, -1)
                 acc = acc.add_(first["task"][task_rows][:, None]).view(b * r, -1).to(self.dtype)
