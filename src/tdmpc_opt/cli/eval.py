@@ -46,6 +46,7 @@ def add_arguments(p):
                    help="cut episodes after this many agent steps (default: full 500)")
     p.add_argument("--json", default=None, help="write results here (and resume from it)")
     p.add_argument("--video", default=None, help="write one MP4 per task into this folder")
+    # quantization.RUNTIMES, spelled out so that --help does not import torch
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                    help="planner precision (default auto: int8 for int8-dynamic files, bf16 "
                         "for bf16 files, else fp32)")
