@@ -6,6 +6,8 @@ changed at a time and prints the episode returns (seed 1, 2 episodes per task):
 * ``act8`` / ``act8asym`` / ``act10`` / ``act12``: float32 products on the file's weights with
   every LayerNorm + Mish output rounded per row to a symmetric 8/10/12-bit code (``act8``
   reproduces the int8 planner) or an asymmetric 8-bit code over ``[-0.31, row max]``;
+  ``--nets`` limits the rounding to some networks (``dyn``, ``rew``, ``pi``, ``q``) or
+  layers (``dyn1`` the first hidden layer of the dynamics, ``dyn2`` its second, ...);
 * ``heads``: the int8 planner (PyTorch ops) with the reward and Q output layers in float32
   on float inputs;
 * ``latent``: the int8 planner with every product of a latent input in float32.
@@ -30,12 +32,31 @@ MISH_LOW = -0.30885
 VARIANTS = ("act8", "act8asym", "act10", "act12", "heads", "latent")
 
 
-def rounded_activations(variant: str):
-    """A replacement for ``fast_model.ln_mish`` whose outputs are rounded per row."""
+NETS = ("dyn", "rew", "pi", "q")
+
+
+def network_norms(view) -> dict[int, str]:
+    """``data_ptr`` of every LayerNorm weight of a view's hidden layers -> layer name
+    (``dyn1``, ``dyn2``, ... : a network and its first or second hidden layer)."""
+    layers = {"dyn": [view.dyn1["ln"], view.dyn2[1]], "rew": [view.rew1["ln"], view.rew2[1]],
+              "pi": [view.pi1["ln"], view.pi2[1]]}
+    q = [(view.q1[m]["ln"], view.q2[m][1]) for m in range(view.cfg.num_q)]
+    names = {norm[0].data_ptr(): f"{net}{i + 1}" for net, norms in layers.items()
+             for i, norm in enumerate(norms)}
+    names.update({norm[0].data_ptr(): f"q{i + 1}" for member in q for i, norm in enumerate(member)})
+    return names
+
+
+def rounded_activations(variant: str, nets: set[str], names: dict[int, str]):
+    """A replacement for ``fast_model.ln_mish`` whose outputs are rounded per row in the
+    layers of ``nets`` (``names``: :func:`network_norms`)."""
     exact = fast_model.ln_mish
 
     def ln_mish(x, norm, int8_scale=False):
         h, _ = exact(x, norm, False)
+        layer = names[norm[0].data_ptr()]
+        if layer not in nets and layer[:-1] not in nets:
+            return h, None
         if variant == "act8asym":
             step = (h.amax(-1, keepdim=True) - MISH_LOW).clamp_min(1e-12) / 255
             return torch.round((h - MISH_LOW) / step) * step + MISH_LOW, None
@@ -72,11 +93,17 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--nets", default=",".join(NETS),
+                   help="act variants: the networks whose activations are rounded")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.variant.startswith("act"):
-        fast_model.ln_mish = rounded_activations(args.variant)
         agent = load_fast_agent(args.checkpoint, "fp32")
+        nets = set(args.nets.split(","))
+        if not nets <= set(NETS) | {f"{n}{i}" for n in NETS for i in (1, 2)}:
+            p.error(f"--nets: choose from {NETS}, optionally with a layer number 1 or 2")
+        names = network_norms(fast_view(agent.model, "fp32"))
+        fast_model.ln_mish = rounded_activations(args.variant, nets, names)
     else:
         agent = load_fast_agent(args.checkpoint, "int8")
         float_layers(fast_view(agent.model, "int8"), agent.model, args.variant)
@@ -84,7 +111,7 @@ def main() -> None:
     returns: dict[str, list[float]] = {}
     for r in run_episodes(agent, specs):
         returns.setdefault(r.task, []).append(round(r.episode_return, 1))
-    print(json.dumps({"variant": args.variant, "returns": returns}))
+    print(json.dumps({"variant": args.variant, "nets": args.nets, "returns": returns}))
 
 
 if __name__ == "__main__":

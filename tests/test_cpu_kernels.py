@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 from tdmpc_opt import cpu_kernels
 from tdmpc_opt.config import PlannerConfig
-from tdmpc_opt.fast_model import Dense, FastWorldModel, ln_mish, quantize_rows
+from tdmpc_opt.fast_model import (
+    WIDE_PLANE,
+    Dense,
+    FastWorldModel,
+    ln_mish,
+    quantize_rows,
+    quantize_rows_wide,
+)
 from tdmpc_opt.planner import draw_noise, plan
 from tdmpc_opt.world_model import WorldModel
 
@@ -39,6 +46,29 @@ def test_hidden_layer_equals_pytorch_ops(m, n):
     got = cpu_kernels.ln_mish_int8(dense.bias[None], acc, dense.scale, row_scale, None, None,
                                    w, b)
     _assert_int8_close(got, _reference(dense(x), w, b))
+
+
+def test_wide_codes_equal_pytorch_ops():
+    """wide: the first plane is the 8-bit code, both planes decode to the layer's output within
+    1/256 of an int8 step (plus float rounding), like the PyTorch path's wide codes."""
+    g = torch.Generator().manual_seed(3)
+    m, n = 77, 136
+    dense = Dense(torch.randn(n, 64, generator=g), torch.randn(n, generator=g), "int8")
+    w, b = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.1
+    acc, row_scale = dense.int32_products(torch.randn(m, 64, generator=g))
+    args = (dense.bias[None], acc, dense.scale, row_scale, None, None, w, b)
+    q8, s8 = cpu_kernels.ln_mish_int8(*args)
+    codes, s = cpu_kernels.ln_mish_int8(*args, wide=True)
+    assert codes.shape == (2 * m, n) and torch.equal(codes[:m], q8) and torch.equal(s, s8)
+    assert codes[m:].abs().max() <= WIDE_PLANE / 2
+    pre = dense.bias + acc[:, :n].float() * dense.scale[:n] * row_scale
+    h, top = ln_mish(pre, (w, b), int8_scale=True)
+    decoded = (codes[:m].float() + codes[m:].float() / WIDE_PLANE) * s
+    torch.testing.assert_close(decoded, h, atol=float(s.max()) * (0.5 / WIDE_PLANE + 1e-4),
+                               rtol=0)
+    ref_codes, ref_s = quantize_rows_wide(h, top)
+    ref = (ref_codes[:m].float() + ref_codes[m:].float() / WIDE_PLANE) * ref_s
+    torch.testing.assert_close(decoded, ref, atol=float(s.max()) * 1.01 / WIDE_PLANE, rtol=0)
 
 
 def test_first_layer_parts_equal_pytorch_ops():

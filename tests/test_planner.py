@@ -6,7 +6,16 @@ import torch.nn.functional as F
 
 from tdmpc_opt.checkpoints import load_world_model
 from tdmpc_opt.config import PlannerConfig
-from tdmpc_opt.fast_model import FastWorldModel, fast_view, mish, parse_precision
+from tdmpc_opt.fast_model import (
+    WIDE_DEFAULT,
+    WIDE_PLANE,
+    Dense,
+    FastWorldModel,
+    fast_view,
+    mish,
+    parse_precision,
+    quantize_rows_wide,
+)
 from tdmpc_opt.planner import GraphPlanner, draw_noise, plan, plan_literal
 from tdmpc_opt.world_model import WorldModel
 
@@ -260,3 +269,49 @@ def test_planning_flops_of_the_1m_model():
     flops = planning_flops(model_config_for(TASK_SETS["mt30"], 1), PlannerConfig())
     assert flops["tdmpc2"] == pytest.approx(15.2e9, rel=0.01)  # the issue's 7.6 GMAC
     assert flops["executed"] < 0.81 * flops["tdmpc2"]
+
+
+def test_wide_codes_decode_and_multiply_exactly():
+    """Two int8 planes decode to within 1/256 of an int8 step, and ``Dense.wide`` is the
+    float product of the decoded codes with the int8 weights (one _int_mm of 2M rows)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 48, generator=g)
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    codes, _ = quantize_rows_wide(x, scale)
+    assert codes.dtype == torch.int8 and codes.shape == (20, 48)
+    decoded = (codes[:10].float() + codes[10:].float() / WIDE_PLANE) * scale
+    assert ((decoded - x).abs() <= scale * (0.5 / WIDE_PLANE + 1e-5)).all()
+    dense = Dense(torch.randn(30, 48, generator=g), torch.randn(30, generator=g), "int8")
+    weight = dense.weight[:, :30].float() * dense.scale[:30]
+    torch.testing.assert_close(dense.wide(codes, scale), decoded @ weight + dense.bias[:30],
+                               rtol=1e-5, atol=1e-5)
+    err_wide = (dense.wide(codes, scale) - dense.bias[:30] - x @ weight).abs().mean()
+    err_int8 = (dense(x) - dense.bias[:30] - x @ weight).abs().mean()
+    assert err_wide < err_int8 / 50
+
+
+@torch.no_grad()
+def test_wide_networks_predict_closer_to_float32(tiny_cfg):
+    """int8 with 15-bit codes into the dynamics and Q output products: the next latent and Q
+    move closer to float32; other networks are untouched; bad names are refused."""
+    model = _model(tiny_cfg)
+    exact = FastWorldModel(model)
+    narrow, wide = FastWorldModel(model, "int8", wide=()), FastWorldModel(model, "int8")
+    assert wide.wide == WIDE_DEFAULT == {"dyn", "q"} and FastWorldModel(model, "bf16").wide == set()
+    task = torch.tensor([0, 1, 2])
+    z = exact.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim), task))
+    z = z[:, None].expand(3, 40, -1).contiguous()
+    rows, a = exact.task_rows(task, 3), torch.rand(3, 40, tiny_cfg.action_dim) * 2 - 1
+    bias = torch.stack([exact.dyn1["task"][rows], exact.rew1["task"][rows]])
+
+    def predictions(fm):
+        nxt, rew = fm.dyn_rew(fm.first_layers(a, bias, z.reshape(120, -1)))
+        return nxt, rew, fm.q_members(z, a, rows, [0, 1])
+
+    ref, got_narrow, got_wide = predictions(exact), predictions(narrow), predictions(wide)
+    err = [[(x - r).abs().mean() for x, r in zip(p, ref, strict=True)]
+           for p in (got_narrow, got_wide)]
+    assert err[1][0] < err[0][0] and err[1][2] < err[0][2]   # latent, Q: closer
+    assert torch.equal(got_narrow[1], got_wide[1])          # reward: the same numbers
+    with pytest.raises(ValueError, match="wide"):
+        FastWorldModel(model, "int8", wide=["dynamics"])

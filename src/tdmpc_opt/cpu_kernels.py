@@ -63,10 +63,10 @@ def _build() -> str | None:
 
 def _register_fake() -> None:
     """Shapes for ``torch.compile`` tracing (the op is an opaque call in compiled graphs)."""
-    @torch.library.register_fake("tdmpc_opt_cpu::ln_mish_int8")
-    def _(base, acc, col_scale, row_scale, a, wa, w, b, eps):
+    @torch.library.register_fake("tdmpc_opt_cpu::ln_mish_int8_v2")
+    def _(base, acc, col_scale, row_scale, a, wa, w, b, eps, wide=False):
         m, n = (acc if acc is not None else a).shape[0], w.shape[0]
-        return w.new_empty((m, n), dtype=torch.int8), w.new_empty((m, 1))
+        return w.new_empty((2 * m if wide else m, n), dtype=torch.int8), w.new_empty((m, 1))
 
 
 def available() -> bool:
@@ -89,7 +89,7 @@ def unavailable_reason() -> str | None:
 def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.Tensor | None,
                  row_scale: torch.Tensor | None, a: torch.Tensor | None,
                  wa: torch.Tensor | None, weight: torch.Tensor, norm_bias: torch.Tensor,
-                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float = 1e-5, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's pre-activation, LayerNorm and Mish, quantised for the next product.
 
     Pre-activation of row ``i``: ``base[i // (M / G)] + acc[i] * col_scale * row_scale[i] +
@@ -98,7 +98,9 @@ def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.
     products with weight scales ``col_scale [>=N]`` and input scales ``row_scale [M, 1]``, and
     ``a [M, A]``, ``wa [A, >=N]`` a first layer's action inputs and weights (float32); either
     part may be None, not both. ``weight``, ``norm_bias``: LayerNorm affine ``[N]``.
-    Returns ``(q [M, N] int8, scale [M, 1])`` with ``q * scale ~= mish(layer_norm(x))``.
+    Returns ``(q [M, N] int8, scale [M, 1])`` with ``q * scale ~= mish(layer_norm(x))``;
+    ``wide``: ``q [2M, N]`` holds the two planes of :func:`tdmpc_opt.fast_model.
+    quantize_rows_wide` instead (``(q[:M] + q[M:] / 128) * scale ~= mish(layer_norm(x))``).
     """
-    return torch.ops.tdmpc_opt_cpu.ln_mish_int8(base, acc, col_scale, row_scale, a, wa, weight,
-                                                 norm_bias, eps)
+    return torch.ops.tdmpc_opt_cpu.ln_mish_int8_v2(base, acc, col_scale, row_scale, a, wa,
+                                                    weight, norm_bias, eps, wide)

@@ -11,7 +11,8 @@ re-arranges the weights once instead of re-doing work per call:
 * weights are pre-transposed ``[in, out]`` and contiguous, in the chosen precision:
   ``fp32`` (exact), ``bf16`` (weights and activations bfloat16, products accumulate in
   float32) or ``int8`` (per-output-channel int8 weights, per-row int8 activations,
-  ``torch._int_mm``);
+  ``torch._int_mm``; the activations into the dynamics' and Q-functions' output products as
+  15-bit codes in two int8 planes, :data:`WIDE_DEFAULT`);
 * Mish is computed exactly through one exponential (:func:`mish_`), in place;
 * int8 on a CPU: each layer's pre-activation sum, LayerNorm, Mish and quantisation for the
   next product run as one hand-fused kernel (:mod:`tdmpc_opt.cpu_kernels`, one pass per row)
@@ -31,6 +32,7 @@ The view is a snapshot of the weights: :func:`fast_view` rebuilds it when they c
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,12 @@ from tdmpc_opt import cpu_kernels
 from tdmpc_opt import math as tm
 from tdmpc_opt.world_model import WorldModel
 
+NETWORKS = ("dyn", "rew", "pi", "q")
+"""The planner's networks: dynamics, reward, policy prior, Q-functions."""
+WIDE_DEFAULT = frozenset({"dyn", "q"})
+"""int8: networks whose output product reads 15-bit activation codes by default. 8-bit codes
+there move the planned actions as much as all other int8 rounding together (the next latent's
+and the Q value's inputs; docs/quantization.md), for ~7% + ~4% of a plan's products."""
 PRECISIONS = ("fp32", "bf16", "int8")
 """Precisions a :class:`FastWorldModel` can compute in; ``fp32`` is exact and the default."""
 COMPILE_SUFFIX = "+compile"
@@ -46,6 +54,8 @@ MIN_ROWS = 16
 """Matrix products get at least this many rows: MKL's float32 products of 1-3 rows (and of
 5-11 rows with 2 threads) round differently from those of more rows."""
 _INT8_MAX = 127.0
+WIDE_PLANE = 128.0
+"""Weight of the second plane of a wide code (:func:`quantize_rows_wide`): ``hi + lo / 128``."""
 _MISH_CLAMP = 20.0
 _MISH_MIN = 0.30885
 """Just above ``-min(mish)`` (0.308840): ``|mish(y)| <= max(mish(max y), _MISH_MIN)``."""
@@ -111,6 +121,19 @@ def quantize_rows(x: torch.Tensor, row_scale: torch.Tensor | None = None
     if row_scale is None:
         row_scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-12).div_(_INT8_MAX)
     return torch.div(x, row_scale).round_().to(torch.int8), row_scale
+
+
+def quantize_rows_wide(x: torch.Tensor, row_scale: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row 15-bit codes in two int8 planes: ``x [M, K]`` -> ``(codes [2M, K], row_scale)``
+    with ``u = x / row_scale`` (``|u| <= 127``), ``hi = round(u)`` in rows ``0..M-1`` and
+    ``lo = round((u - hi) * WIDE_PLANE)`` in rows ``M..2M-1``; ``hi + lo / WIDE_PLANE`` is ``u``
+    to 1/256 of an int8 step. One int8 product of all ``2M`` rows then has 15-bit inputs
+    (:meth:`Dense.wide`)."""
+    u = torch.div(x, row_scale)
+    hi = torch.round(u)
+    lo = u.sub_(hi).mul_(WIDE_PLANE).round_()
+    return torch.cat([hi, lo]).to(torch.int8), row_scale
 
 
 class Dense:
@@ -183,6 +206,16 @@ class Dense:
             return y.mul_(s)
         return torch.addcmul(self.bias[:self.out_dim], y, s)
 
+    def wide(self, codes: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+        """int8 only: ``x @ W + b`` of wide codes ``[2M, in]`` (:func:`quantize_rows_wide`)
+        with row scales ``[M, 1]``, as one ``_int_mm`` of the ``2M`` rows -> ``[M, out]``."""
+        rows, m = codes.shape[0], codes.shape[0] // 2
+        if rows < self.min_rows:
+            codes = F.pad(codes, (0, 0, 0, self.min_rows - rows))
+        acc = torch._int_mm(codes, self.weight)[:rows, :self.out_dim]
+        y = acc[m:].to(torch.float32).div_(WIDE_PLANE).add_(acc[:m]).mul_(self.scale[:self.out_dim])
+        return torch.addcmul(self.bias[:self.out_dim], y, row_scale)
+
     def accumulate_(self, acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``acc += x @ W`` in place (no bias); ``acc [M, out]``."""
         m = x.shape[0]
@@ -205,8 +238,14 @@ class FastWorldModel:
     """
 
     def __init__(self, model: WorldModel, precision: str = "fp32",
-                 fused_kernel: bool | None = None):
+                 fused_kernel: bool | None = None, wide: Iterable[str] = WIDE_DEFAULT):
         precision, self.compile = parse_precision(precision)
+        wide = frozenset(wide)
+        if not wide <= set(NETWORKS):
+            raise ValueError(f"wide: choose networks from {NETWORKS}; got {sorted(wide)}")
+        self.wide = wide if precision == "int8" else frozenset()
+        """int8: the networks whose last hidden activations feed the output product as 15-bit
+        codes in two int8 planes (:func:`quantize_rows_wide`); see :data:`WIDE_DEFAULT`."""
         self.cfg, self.precision = model.cfg, precision
         self._compiled: dict[str, object] = {}
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -341,11 +380,11 @@ class FastWorldModel:
         ``pre``: first-layer pre-activations ``[M, D]`` of dynamics and reward. Returns the
         next latent ``[M, L]`` and the reward logits ``[M, K]``.
         """
-        h = self._layer(self.dyn2, self._act(pre[0], self.dyn1["ln"]))
+        h = self._layer(self.dyn2, self._act(pre[0], self.dyn1["ln"]), "dyn")
         dense, norm = self.dyn3
-        z = F.layer_norm(dense(*h), (self.cfg.latent_dim,), *norm)
-        r = self._layer(self.rew2, self._act(pre[1], self.rew1["ln"]))
-        return self._simnorm(z), self.rew3(*r)
+        z = F.layer_norm(self._out(dense, h, "dyn"), (self.cfg.latent_dim,), *norm)
+        r = self._layer(self.rew2, self._act(pre[1], self.rew1["ln"]), "rew")
+        return self._simnorm(z), self._out(self.rew3, r, "rew")
 
     @staticmethod
     def _parts(first: dict, base: torch.Tensor, zq: tuple | None, a: torch.Tensor | None
@@ -365,14 +404,23 @@ class FastWorldModel:
             return cpu_kernels.ln_mish_int8(*x, *norm)
         return ln_mish(x, norm, self.precision == "int8")
 
-    def _layer(self, layer: tuple[Dense, tuple[torch.Tensor, torch.Tensor]], h: tuple) -> tuple:
-        """A hidden layer (product, LayerNorm, Mish) of :meth:`_act`-style input ``h``."""
+    def _layer(self, layer: tuple[Dense, tuple[torch.Tensor, torch.Tensor]], h: tuple,
+               net: str) -> tuple:
+        """The last hidden layer (product, LayerNorm, Mish) of network ``net`` on
+        :meth:`_act`-style input ``h``; for a :attr:`wide` network its output is
+        :func:`quantize_rows_wide` codes and row scales."""
         dense, norm = layer
+        wide = net in self.wide
         if self.fused_kernel:
             acc, row_scale = dense.int32_products(*h)
             return cpu_kernels.ln_mish_int8(dense.bias[None], acc, dense.scale, row_scale, None,
-                                            None, *norm)
-        return ln_mish(dense(*h), norm, self.precision == "int8")
+                                            None, *norm, wide=wide)
+        out = ln_mish(dense(*h), norm, self.precision == "int8")
+        return quantize_rows_wide(*out) if wide else out
+
+    def _out(self, dense: Dense, h: tuple, net: str) -> torch.Tensor:
+        """The output product of network ``net`` on its :meth:`_layer` output ``h``."""
+        return dense.wide(*h) if net in self.wide else dense(*h)
 
     def _simnorm(self, z: torch.Tensor) -> torch.Tensor:
         """SimNorm of LayerNorm outputs ``[M, L]`` (internal layout), row by row invariant.
@@ -399,8 +447,8 @@ class FastWorldModel:
         else:
             h = first["z"](z.reshape(b * r, -1))
             h.view(b, r, -1).add_(first["task"][task_rows].to(self.dtype)[:, None])
-        h = self._layer(self.pi2, self._act(h, first["ln"]))
-        mean, raw = self.pi3(*h).float().reshape(b, r, -1).chunk(2, dim=-1)
+        h = self._layer(self.pi2, self._act(h, first["ln"]), "pi")
+        mean, raw = self._out(self.pi3, h, "pi").float().reshape(b, r, -1).chunk(2, dim=-1)
         c = self.cfg
         log_std = torch.tanh(raw).add_(1).mul_(0.5 * (c.log_std_max - c.log_std_min)) \
             .add_(c.log_std_min)
@@ -425,8 +473,8 @@ class FastWorldModel:
                 acc = first["a"](af).view(b, r, -1)
                 acc = acc.add_(first["task"][task_rows][:, None]).view(b * r, -1).to(self.dtype)
                 pre = first["z"].accumulate_(acc, zf)
-            h = self._layer(self.q2[m], self._act(pre, first["ln"]))
-            logits.append(self.q3[m](*h))
+            h = self._layer(self.q2[m], self._act(pre, first["ln"]), "q")
+            logits.append(self._out(self.q3[m], h, "q"))
         return self.decode(torch.stack(logits, 1)).sum(-1).view(b, r)
 
     def q_average(self, z: torch.Tensor, a: torch.Tensor, task_rows: torch.Tensor,

@@ -6,6 +6,9 @@
 //   q = round(y * n / ((n + 2) * top)) as int8, i.e. round(mish(y) / top), where
 //       n = e (e + 2), e = exp(min(y, 20)), mish(y) = y * n / (n + 2)
 // Returns (q [M, N] int8, top [M, 1] float32): the next product's input and its row scales.
+// wide: q is [2M, N], the rows' codes u = mish(y) / top in two planes, hi = round(u) in rows
+// 0..M-1 and lo = round((u - hi) * 128) in rows M..2M-1 (|lo| <= 64), so hi + lo / 128 is u
+// to 1/256 of a step: one product of the 2M rows gives a 15-bit-input product.
 // Rows are independent, so a row's result never depends on the batch it is computed in.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -19,6 +22,7 @@
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+constexpr float kLoPlane = 128.f;  // weight of a wide code's second plane: hi + lo / 128
 
 float sum_lanes(Vec v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
@@ -61,9 +65,10 @@ float load_row(const float* base, const int32_t* acc, const float* cs, float rs,
   return sum;
 }
 
-// LayerNorm + Mish + int8 of the row in buf (n values); writes q[0:n] and *top_out.
+// LayerNorm + Mish + int8 of the row in buf (n values); writes q[0:n] and *top_out, and
+// with lo the second plane lo[0:n] (see wide above).
 void finish_row(const float* w, const float* b, int64_t n, float sum, float eps, float* buf,
-                int8_t* q, float* top_out) {
+                int8_t* q, int8_t* lo, float* top_out) {
   const int64_t V = Vec::size();
   const float mean = sum / n;
   const Vec m(mean);
@@ -90,14 +95,20 @@ void finish_row(const float* w, const float* b, int64_t n, float sum, float eps,
   }
   top = std::max(mish(std::max(top, max_lanes(mx))), 0.30885f) / 127.f;
   *top_out = top;
-  const Vec t(top), two(2.f), cap(20.f);
+  const Vec t(top), two(2.f), cap(20.f), plane(kLoPlane);
   for (j = 0; j + V <= n; j += V) {
     Vec y = Vec::loadu(buf + j);
     Vec e = at::vec::minimum(y, cap).exp_u20();  // ~1e-6 relative: far below int8 steps
     Vec nn = (e + two) * e;
-    at::vec::convert<int8_t>((y * nn / ((nn + two) * t)).round()).store(q + j, V);
+    Vec u = y * nn / ((nn + two) * t), hi = u.round();
+    at::vec::convert<int8_t>(hi).store(q + j, V);
+    if (lo) at::vec::convert<int8_t>(((u - hi) * plane).round()).store(lo + j, V);
   }
-  for (; j < n; ++j) q[j] = static_cast<int8_t>(std::nearbyint(mish(buf[j]) / top));
+  for (; j < n; ++j) {
+    const float u = mish(buf[j]) / top, hi = std::nearbyint(u);
+    q[j] = static_cast<int8_t>(hi);
+    if (lo) lo[j] = static_cast<int8_t>(std::nearbyint((u - hi) * kLoPlane));
+  }
 }
 
 const float* float_ptr(const std::optional<at::Tensor>& t, at::Tensor& keep, int64_t min_numel,
@@ -113,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
     const at::Tensor& base, const std::optional<at::Tensor>& acc,
     const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& row_scale,
     const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& wa,
-    const at::Tensor& w, const at::Tensor& b, double eps) {
+    const at::Tensor& w, const at::Tensor& b, double eps, bool wide) {
   TORCH_CHECK(acc || a, "ln_mish_int8: needs products (acc) or actions (a)");
   const int64_t n = w.numel(), m = acc ? acc->size(0) : a->size(0);
   TORCH_CHECK(base.dim() == 2 && base.size(1) >= n && base.size(0) > 0 && m % base.size(0) == 0,
@@ -141,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
   const float* bp0 = float_ptr(basec, basec, n, "base");
   const float* wp = float_ptr(wc, wc, n, "w");
   const float* bp = float_ptr(bc, bc, n, "b");
-  auto q = at::empty({m, n}, w.options().dtype(at::kChar));
+  auto q = at::empty({wide ? 2 * m : m, n}, w.options().dtype(at::kChar));
   auto top = at::empty({m, 1}, w.options());
   int8_t* qp = q.data_ptr<int8_t>();
   float* tp = top.data_ptr<float>();
@@ -151,7 +162,8 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
       const float sum = load_row(bp0 + (i / per) * ldb, accp ? accp + i * ld : nullptr, csp,
                                  rsp ? rsp[i] : 0.f, ap ? ap + i * na : nullptr, na, wap, ldw, n,
                                  buf.data());
-      finish_row(wp, bp, n, sum, static_cast<float>(eps), buf.data(), qp + i * n, tp + i);
+      finish_row(wp, bp, n, sum, static_cast<float>(eps), buf.data(), qp + i * n,
+                 wide ? qp + (m + i) * n : nullptr, tp + i);
     }
   });
   return {q, top};
@@ -159,9 +171,11 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
 
 }  // namespace
 
+// The op's name carries a version that changes with its schema: inductor caches compiled
+// graphs (with their C++ calls of the op) by op name, so a renamed op never meets a stale one.
 TORCH_LIBRARY(tdmpc_opt_cpu, m) {
-  m.def("ln_mish_int8(Tensor base, Tensor? acc, Tensor? col_scale, Tensor? row_scale, "
-        "Tensor? a, Tensor? wa, Tensor w, Tensor b, float eps) -> (Tensor, Tensor)");
+  m.def("ln_mish_int8_v2(Tensor base, Tensor? acc, Tensor? col_scale, Tensor? row_scale, "
+        "Tensor? a, Tensor? wa, Tensor w, Tensor b, float eps, bool wide=False) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) { m.impl("ln_mish_int8", &ln_mish_int8); }
+TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) { m.impl("ln_mish_int8_v2", &ln_mish_int8); }
