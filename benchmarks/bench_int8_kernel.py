@@ -2,11 +2,14 @@
 
 Plans batch-1 MPPI steps (TD-MPC2's settings) with the published 1M MT30 student in int8,
 each layer's LayerNorm + Mish + quantisation computed either by PyTorch ops
-(``fused_kernel=False``) or by ``cpu_kernels.ln_mish_int8``, eager and ``+compile``. Variants
+(``fused_kernel=False``) or by ``cpu_kernels.ln_mish_int8``, eager and ``+compile``; with
+``--wide``, the fused ``+compile`` planner with 8-bit codes everywhere against 15-bit codes
+into the output products of the networks in ``FastWorldModel``'s default ``wide`` set. Variants
 are timed interleaved (one call of each in turn) so that drift of a shared machine hits them
 alike; prints the median, quartile and minimum milliseconds per plan and the first action.
 
     python benchmarks/bench_int8_kernel.py --threads 2 --calls 100
+    python benchmarks/bench_int8_kernel.py --threads 2 --calls 100 --wide
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import torch
 from tdmpc_opt import cpu_kernels
 from tdmpc_opt.agent import load_agent
 from tdmpc_opt.cli.bench import _plan_inputs
-from tdmpc_opt.fast_model import FastWorldModel
+from tdmpc_opt.fast_model import WIDE_DEFAULT, FastWorldModel
 from tdmpc_opt.planner import plan
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / \
     "tdmpc-opt-mt30-1M-fp16.pt"
-VARIANTS = (("int8", False), ("int8", True), ("int8+compile", False), ("int8+compile", True))
+VARIANTS = (("int8", False, WIDE_DEFAULT), ("int8", True, WIDE_DEFAULT),
+            ("int8+compile", False, WIDE_DEFAULT), ("int8+compile", True, WIDE_DEFAULT))
+WIDE_VARIANTS = (("int8+compile", True, frozenset()), ("int8+compile", True, WIDE_DEFAULT))
 
 
 def main() -> int:
@@ -37,6 +42,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--wide", action="store_true",
+                   help="compare 8-bit codes everywhere with the default 15-bit outputs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
@@ -45,12 +52,14 @@ def main() -> int:
     agent = load_agent(args.checkpoint)
     _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, args.batch)
     views = []
-    for precision, fused in VARIANTS:
-        fm = FastWorldModel(agent.model, precision, fused)
+    for precision, fused, wide in WIDE_VARIANTS if args.wide else VARIANTS:
+        fm = FastWorldModel(agent.model, precision, fused, wide)
         start = time.perf_counter()
         action, _ = plan(fm, agent.planner, z, task, prev, t0, True, noise, gamma)
-        views.append((f"{precision} {'fused kernel' if fused else 'PyTorch ops'}", fm,
-                      time.perf_counter() - start, action[0, :3].tolist()))
+        name = f"{precision} {'fused kernel' if fused else 'PyTorch ops'}"
+        if args.wide:
+            name += f", 15-bit into {','.join(sorted(wide)) or 'none'}"
+        views.append((name, fm, time.perf_counter() - start, action[0, :3].tolist()))
     times: list[list[float]] = [[] for _ in views]
     for _ in range(args.calls):
         for i, (_, fm, _, _) in enumerate(views):

@@ -5,7 +5,10 @@ changed at a time and prints the episode returns (seed 1, 2 episodes per task):
 
 * ``act8`` / ``act8asym`` / ``act10`` / ``act12``: float32 products on the file's weights with
   every LayerNorm + Mish output rounded per row to a symmetric 8/10/12-bit code (``act8``
-  reproduces the int8 planner) or an asymmetric 8-bit code over ``[-0.31, row max]``;
+  reproduces the int8 planner), an asymmetric 8-bit code over ``[-0.31, row max]`` or
+  (``act8static``) one fixed step 6/127 for every row (values clamped to +-6), or
+  (``act8ref``) per-row 8-bit codes of each row's difference to its environment's first row
+  (which is kept exact);
   ``--nets`` limits the rounding to some networks (``dyn``, ``rew``, ``pi``, ``q``) or
   layers (``dyn1`` the first hidden layer of the dynamics, ``dyn2`` its second, ...);
 * ``heads``: the int8 planner (PyTorch ops) with the reward and Q output layers in float32
@@ -29,7 +32,12 @@ from tdmpc_opt.fast_model import Dense, fast_view
 from tdmpc_opt.quantization import load_fast_agent
 
 MISH_LOW = -0.30885
-VARIANTS = ("act8", "act8asym", "act10", "act12", "heads", "latent")
+PLAN_ROWS = (488, 512, 24)
+"""Rows per environment of the planner's batches (sampled, all, policy sequences; TD-MPC2's
+settings): ``act8ref`` groups a batch's rows by environment with the first that divides it."""
+STATIC_MAX = 6.0
+STATIC_STEP = STATIC_MAX / 127
+VARIANTS = ("act8", "act8asym", "act8static", "act8ref", "act10", "act12", "heads", "latent")
 
 
 NETS = ("dyn", "rew", "pi", "q")
@@ -60,6 +68,14 @@ def rounded_activations(variant: str, nets: set[str], names: dict[int, str]):
         if variant == "act8asym":
             step = (h.amax(-1, keepdim=True) - MISH_LOW).clamp_min(1e-12) / 255
             return torch.round((h - MISH_LOW) / step) * step + MISH_LOW, None
+        if variant == "act8ref":  # per-row codes of the difference to the group's first row
+            rows = next(r for r in PLAN_ROWS if h.shape[0] % r == 0)
+            g = h.view(-1, rows, h.shape[1])
+            d = g - g[:, :1]
+            step = d.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+            return (g[:, :1] + torch.round(d / step) * step).view(h.shape), None
+        if variant == "act8static":  # one fixed step for every row: errors correlated
+            return torch.round(h.clamp(-STATIC_MAX, STATIC_MAX) / STATIC_STEP) * STATIC_STEP, None
         levels = 2 ** (int(variant[3:]) - 1) - 1
         step = h.abs().amax(-1, keepdim=True).clamp_min(1e-12) / levels
         return torch.round(h / step) * step, None
