@@ -13,7 +13,10 @@ changed at a time and prints the episode returns (seed 1, 2 episodes per task):
   layers (``dyn1`` the first hidden layer of the dynamics, ``dyn2`` its second, ...);
 * ``heads``: the int8 planner (PyTorch ops) with the reward and Q output layers in float32
   on float inputs;
-* ``latent``: the int8 planner with every product of a latent input in float32.
+* ``latent``: the int8 planner with every product of a latent input in float32;
+* ``ref``: the int8 planner (PyTorch ops, 8-bit codes everywhere, int8 weights and latents)
+  with every product's rows coded relative to their environment's first row
+  (:func:`reference_row_products`), the real-int8 counterpart of ``act8ref``.
 
     python experiments/int8_error_sources.py act12 \
         --checkpoint runs/quant-scores-kernel/int8-dynamic.safetensors
@@ -37,7 +40,8 @@ PLAN_ROWS = (488, 512, 24)
 settings): ``act8ref`` groups a batch's rows by environment with the first that divides it."""
 STATIC_MAX = 6.0
 STATIC_STEP = STATIC_MAX / 127
-VARIANTS = ("act8", "act8asym", "act8static", "act8ref", "act10", "act12", "heads", "latent")
+VARIANTS = ("act8", "act8asym", "act8static", "act8ref", "act10", "act12", "heads", "latent",
+            "ref")
 
 
 NETS = ("dyn", "rew", "pi", "q")
@@ -82,6 +86,31 @@ def rounded_activations(variant: str, nets: set[str], names: dict[int, str]):
     return ln_mish
 
 
+def reference_row_products() -> None:
+    """Make every int8 product of float rows code each row's difference to its environment's
+    first row (8-bit per row) and the first row itself with 15-bit codes; both in one
+    ``_int_mm``. Environments are found as in ``act8ref``; other products are unchanged."""
+    plain = Dense.product
+
+    def product(self, x, row_scale=None):
+        rows = next((r for r in PLAN_ROWS if x.shape[0] % r == 0), None)
+        if self.precision != "int8" or x.dtype == torch.int8 or rows is None:
+            return plain(self, x, row_scale)
+        g = x.view(-1, rows, x.shape[1])
+        ref = g[:, 0]
+        d_codes, d_scale = fast_model.quantize_rows((g - g[:, :1]).reshape(x.shape))
+        ref_scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+        ref_codes, _ = fast_model.quantize_rows_wide(ref, ref_scale)
+        envs = ref.shape[0]
+        acc = torch._int_mm(torch.cat([d_codes, ref_codes]), self.weight)[:, :self.out_dim]
+        acc = acc.to(torch.float32)
+        m = x.shape[0]
+        ref_part = (acc[m:m + envs] + acc[m + envs:] / fast_model.WIDE_PLANE) * ref_scale
+        y = (acc[:m] * d_scale).view(envs, rows, -1).add_(ref_part[:, None])
+        return y.view(m, -1).mul_(self.scale[:self.out_dim]), torch.ones_like(d_scale)
+    Dense.product = product
+
+
 def float_layers(view, model, variant: str) -> None:
     """Put the ``heads`` or ``latent`` products of an int8 view in float32."""
     view.fused_kernel = False
@@ -120,6 +149,11 @@ def main() -> None:
             p.error(f"--nets: choose from {NETS}, optionally with a layer number 1 or 2")
         names = network_norms(fast_view(agent.model, "fp32"))
         fast_model.ln_mish = rounded_activations(args.variant, nets, names)
+    elif args.variant == "ref":
+        agent = load_fast_agent(args.checkpoint, "int8")
+        view = fast_view(agent.model, "int8")
+        view.fused_kernel, view.wide = False, frozenset()
+        reference_row_products()
     else:
         agent = load_fast_agent(args.checkpoint, "int8")
         float_layers(fast_view(agent.model, "int8"), agent.model, args.variant)
