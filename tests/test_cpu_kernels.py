@@ -1,5 +1,10 @@
 """The fused int8 CPU kernel against the PyTorch ops it replaces."""
 
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +22,8 @@ from tdmpc_opt.fast_model import (
 from tdmpc_opt.planner import draw_noise, plan
 from tdmpc_opt.world_model import WorldModel
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
-                                reason=f"fused CPU kernel: {cpu_kernels.unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
+                                  reason=f"fused CPU kernel: {cpu_kernels.unavailable_reason()}")
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
@@ -35,6 +40,7 @@ def _assert_int8_close(got, want):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
+@needs_kernel
 @pytest.mark.parametrize("m,n", [(488, 384), (5, 20), (33, 101)])
 def test_hidden_layer_equals_pytorch_ops(m, n):
     """int32 products + weight and row scales + bias: one row at a time, any width."""
@@ -48,6 +54,7 @@ def test_hidden_layer_equals_pytorch_ops(m, n):
     _assert_int8_close(got, _reference(dense(x), w, b))
 
 
+@needs_kernel
 def test_wide_codes_equal_pytorch_ops():
     """wide: the first plane is the 8-bit code, both planes decode to the layer's output within
     1/256 of an int8 step (plus float rounding), like the PyTorch path's wide codes."""
@@ -71,6 +78,7 @@ def test_wide_codes_equal_pytorch_ops():
     torch.testing.assert_close(decoded, ref, atol=float(s.max()) * 1.01 / WIDE_PLANE, rtol=0)
 
 
+@needs_kernel
 def test_first_layer_parts_equal_pytorch_ops():
     """Per-environment base rows, latent products and action inputs summed in the kernel."""
     g = torch.Generator().manual_seed(0)
@@ -90,6 +98,7 @@ def test_first_layer_parts_equal_pytorch_ops():
         _assert_int8_close(got, _reference(want_pre, w, b))
 
 
+@needs_kernel
 def test_bad_shapes_are_refused():
     w = torch.ones(8)
     with pytest.raises(RuntimeError, match="base must be"):
@@ -124,6 +133,7 @@ def test_planner_predictions_with_and_without_kernel(tiny_cfg):
     assert nxt.shape == (15, tiny_cfg.latent_dim) and rew.shape == (15, tiny_cfg.num_bins)
 
 
+@needs_kernel
 def test_fused_plan_is_batch_invariant_and_refuses_other_precisions(tiny_cfg):
     model = _model(tiny_cfg)
     pcfg = PlannerConfig(iterations=2, num_samples=32, num_elites=8, num_pi_trajs=4)
@@ -143,6 +153,7 @@ def test_fused_plan_is_batch_invariant_and_refuses_other_precisions(tiny_cfg):
         FastWorldModel(model, "fp32", True)
 
 
+@needs_kernel
 def test_reference_helper_matches_layer_norm_mish():
     """The reference used above is the PyTorch path itself (not a re-derivation)."""
     x = torch.randn(7, 16)
@@ -150,3 +161,43 @@ def test_reference_helper_matches_layer_norm_mish():
     q, s = _reference(x, w, b)
     torch.testing.assert_close(q.float() * s, F.mish(F.layer_norm(x, (16,), w, b)),
                                atol=float(s.max()) / 2 + 1e-6, rtol=0)
+
+
+def test_exclusive_build_removes_a_stale_baton(tmp_path):
+    """A ``lock`` file left by a killed loader would make every later load wait forever."""
+    (tmp_path / "lock").touch()
+    with cpu_kernels._exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
+
+
+def test_exclusive_build_waits_for_a_live_builder(tmp_path):
+    """A live builder's baton is never removed: a second loader waits for its OS lock."""
+    order = []
+    inside = threading.Event()
+
+    def second():
+        inside.wait()
+        with cpu_kernels._exclusive_build(tmp_path):
+            order.append(("second", (tmp_path / "lock").exists()))
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with cpu_kernels._exclusive_build(tmp_path):
+        (tmp_path / "lock").touch()  # what PyTorch's FileBaton does while it builds
+        inside.set()
+        time.sleep(0.3)
+        order.append(("first", True))
+        (tmp_path / "lock").unlink()
+    thread.join(timeout=30)
+    assert order == [("first", True), ("second", False)]
+
+
+@needs_kernel
+def test_load_after_a_killed_loader_does_not_hang():
+    """The real build folder with a stale baton in it: a new process still loads the kernel."""
+    name = f"tdmpc_opt_cpu_{torch.backends.cpu.get_cpu_capability().lower()}"
+    (cpu_kernels._build_directory(name) / "lock").touch()
+    code = "from tdmpc_opt import cpu_kernels; print(cpu_kernels.available())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr

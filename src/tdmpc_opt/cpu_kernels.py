@@ -17,9 +17,12 @@ within ~1e-4 of a rounding boundary (tested: fewer than 1 in 1,000 differ, by on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -49,16 +52,55 @@ def _build() -> str | None:
     except ImportError as err:  # pragma: no cover - part of torch
         return str(err)
     isa = torch.backends.cpu.get_cpu_capability()
+    name = f"tdmpc_opt_cpu_{isa.lower()}"
+    build_dir = _build_directory(name)
     log.info("building the fused int8 CPU kernel for %s (once; ~30 s)", isa)
     flags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])]  # at::parallel_for is OpenMP
     try:
-        load(f"tdmpc_opt_cpu_{isa.lower()}", [str(_SOURCE)], extra_cflags=flags,
-             is_python_module=False, verbose=False)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive_build(build_dir):
+            load(name, [str(_SOURCE)], extra_cflags=flags, build_directory=str(build_dir),
+                 is_python_module=False, verbose=False)
     except Exception as err:  # no compiler / ninja, or a failed build: fall back
         first = str(err).splitlines()[0] if str(err) else ""
         return f"{type(err).__name__}: {first[:160]}"
     _register_fake()
     return None
+
+
+def _build_directory(name: str) -> Path:
+    """Where the extension ``name`` is built: under ``TORCH_EXTENSIONS_DIR`` or PyTorch's
+    default root, one folder per Python version, as PyTorch lays it out."""
+    from torch.utils.cpp_extension import get_default_build_root
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold an OS file lock on ``build_dir`` for the whole build, and clear a stale baton.
+
+    Every process that loads the extension briefly creates ``build_dir/lock`` (PyTorch's
+    ``FileBaton``) and waits, without end, while that file exists; a process killed in that
+    window leaves it behind and every later load hangs. Here each load first takes an
+    ``flock`` that the OS releases when its holder dies, so a ``lock`` file found while
+    holding it belongs to no live builder and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Windows; PyTorch's baton alone
+        yield
+        return
+    with open(build_dir / "tdmpc_opt.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("removing a stale build lock left by a killed process: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _register_fake() -> None:
