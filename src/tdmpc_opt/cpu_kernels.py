@@ -70,10 +70,13 @@ def _build() -> str | None:
 
 def _build_directory(name: str) -> Path:
     """Where the extension ``name`` is built: under ``TORCH_EXTENSIONS_DIR`` or PyTorch's
-    default root, one folder per Python version, as PyTorch lays it out."""
+    default root, one folder per Python and PyTorch version (a build links against one
+    PyTorch; PyTorch's own layout keys on the Python version only)."""
     from torch.utils.cpp_extension import get_default_build_root
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+    torch_version = torch.__version__.replace("+", "_")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / f"{python}_torch{torch_version}" / name
 
 
 @contextlib.contextmanager
