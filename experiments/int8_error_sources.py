@@ -16,7 +16,8 @@ changed at a time and prints the episode returns (seed 1, 2 episodes per task):
 * ``latent``: the int8 planner with every product of a latent input in float32;
 * ``ref``: the int8 planner (PyTorch ops, 8-bit codes everywhere, int8 weights and latents)
   with every product's rows coded relative to their environment's first row
-  (:func:`reference_row_products`), the real-int8 counterpart of ``act8ref``.
+  (:func:`reference_row_products`), the real-int8 counterpart of ``act8ref``;
+* ``ref-fused``: the same through the fused kernel (``FastWorldModel(ref_codes=True)``).
 
     python experiments/int8_error_sources.py act12 \
         --checkpoint runs/quant-scores-kernel/int8-dynamic.safetensors
@@ -31,7 +32,7 @@ import torch
 
 import tdmpc_opt.fast_model as fast_model
 from tdmpc_opt.evaluation import episode_specs, run_episodes
-from tdmpc_opt.fast_model import Dense, fast_view
+from tdmpc_opt.fast_model import Dense, FastWorldModel, fast_view
 from tdmpc_opt.quantization import load_fast_agent
 
 MISH_LOW = -0.30885
@@ -41,7 +42,7 @@ settings): ``act8ref`` groups a batch's rows by environment with the first that 
 STATIC_MAX = 6.0
 STATIC_STEP = STATIC_MAX / 127
 VARIANTS = ("act8", "act8asym", "act8static", "act8ref", "act10", "act12", "heads", "latent",
-            "ref")
+            "ref", "ref-fused")
 
 
 NETS = ("dyn", "rew", "pi", "q")
@@ -149,6 +150,10 @@ def main() -> None:
             p.error(f"--nets: choose from {NETS}, optionally with a layer number 1 or 2")
         names = network_norms(fast_view(agent.model, "fp32"))
         fast_model.ln_mish = rounded_activations(args.variant, nets, names)
+    elif args.variant == "ref-fused":
+        agent = load_fast_agent(args.checkpoint, "int8")
+        view = FastWorldModel(agent.model, "int8", ref_codes=True)
+        fast_model._VIEWS[agent.model] = {"int8": (fast_model._fingerprint(agent.model), view)}
     elif args.variant == "ref":
         agent = load_fast_agent(args.checkpoint, "int8")
         view = fast_view(agent.model, "int8")

@@ -17,6 +17,7 @@ from tdmpc_opt.fast_model import (
     FastWorldModel,
     ln_mish,
     quantize_rows,
+    quantize_rows_ref,
     quantize_rows_wide,
 )
 from tdmpc_opt.planner import draw_noise, plan
@@ -134,10 +135,11 @@ def test_planner_predictions_with_and_without_kernel(tiny_cfg):
 
 
 @needs_kernel
-def test_fused_plan_is_batch_invariant_and_refuses_other_precisions(tiny_cfg):
+@pytest.mark.parametrize("ref_codes", [False, True])
+def test_fused_plan_is_batch_invariant_and_refuses_other_precisions(tiny_cfg, ref_codes):
     model = _model(tiny_cfg)
     pcfg = PlannerConfig(iterations=2, num_samples=32, num_elites=8, num_pi_trajs=4)
-    fm = FastWorldModel(model, "int8", True)
+    fm = FastWorldModel(model, "int8", True, ref_codes=ref_codes)
     task = torch.tensor([0, 2, 1])
     z = model.encode(torch.randn(3, tiny_cfg.obs_dim), task)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
@@ -201,3 +203,75 @@ def test_load_after_a_killed_loader_does_not_hang():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+
+
+def _decode_ref(codes, scales, groups):
+    """Float rows ``[M, N]`` from reference-mode codes and scales."""
+    m = codes.shape[0] - 2 * groups
+    ref = (codes[m:m + groups].float() + codes[m + groups:].float() / WIDE_PLANE) * scales[m:]
+    d = codes[:m].float() * scales[:m]
+    return (d.view(groups, m // groups, -1) + ref[:, None]).view(m, -1)
+
+
+@needs_kernel
+def test_reference_mode_codes_and_products():
+    """Reference mode: rows coded as differences to their group's first row decode to the
+    layer's output within half a step of the (fine) difference codes; the kernel reads such
+    codes' products back; ``Dense.ref_product`` is the float product of the decoded codes."""
+    g = torch.Generator().manual_seed(5)
+    groups, rows, k, n = 3, 40, 64, 136
+    center = torch.randn(groups, 1, k, generator=g)
+    x = (center + 0.02 * torch.randn(groups, rows, k, generator=g)).view(-1, k)
+    dense = Dense(torch.randn(n, k, generator=g), torch.randn(n, generator=g), "int8")
+    w, b = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.1
+    codes, scales = quantize_rows_ref(x, groups)
+    m = groups * rows
+    assert codes.shape == (m + 2 * groups, k) and scales.shape == (m + groups, 1)
+    decoded_x = _decode_ref(codes, scales, groups)
+    assert (decoded_x - x).abs().max() < 0.02 * 4 / 127          # steps of the differences
+    weight = dense.weight[:, :n].float() * dense.scale[:n]
+    torch.testing.assert_close(dense.ref_product(codes, scales, groups),
+                               decoded_x @ weight + dense.bias[:n], rtol=1e-5, atol=1e-4)
+    acc, _ = dense.int32_products(codes, scales[:1].expand(codes.shape[0], 1))
+    out, out_scales = cpu_kernels.ln_mish_int8(dense.bias[None], acc, dense.scale, scales, None,
+                                               None, w, b, ref_groups=groups)
+    h = F.mish(F.layer_norm(decoded_x @ weight + dense.bias[:n], (n,), w, b))
+    got = _decode_ref(out, out_scales, groups)
+    step = out_scales[:m].max()
+    assert (got - h).abs().max() < step + 1e-4
+    assert step < 0.1 * (h.abs().amax() / 127)                   # far finer than 8-bit codes
+    want_codes, want_scales = quantize_rows_ref(h, groups)
+    torch.testing.assert_close(got, _decode_ref(want_codes, want_scales, groups),
+                               atol=float(step) + 1e-4, rtol=0)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_reference_codes_predict_closer_to_float32(tiny_cfg):
+    """On rows that lie close together within each environment (as in a planning iteration),
+    reference-mode codes give next latents, rewards and Q values closer to float32 than 8-bit
+    per-row codes; they need the fused kernel."""
+    model = _model(tiny_cfg)
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():  # the reward and Q output layers start at zero
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+    exact = FastWorldModel(model)
+    plain = FastWorldModel(model, "int8", True, wide=())
+    ref = FastWorldModel(model, "int8", True, ref_codes=True)
+    task = torch.tensor([0, 1, 2])
+    z = exact.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim, generator=g), task))
+    z = z[:, None].expand(3, 40, -1).contiguous()
+    a = (torch.rand(3, 1, tiny_cfg.action_dim, generator=g) * 2 - 1
+         + 0.05 * torch.randn(3, 40, tiny_cfg.action_dim, generator=g)).clamp(-1, 1)
+    rows = exact.task_rows(task, 3)
+    bias = torch.stack([exact.dyn1["task"][rows], exact.rew1["task"][rows]])
+
+    def predictions(fm):
+        nxt, rew = fm.dyn_rew(fm.first_layers(a, bias, z.reshape(120, -1)), 3)
+        return nxt, rew, fm.q_members(z, a, rows, [0, 1])
+
+    want = predictions(exact)
+    for got_plain, got_ref, w in zip(predictions(plain), predictions(ref), want, strict=True):
+        assert (got_ref - w).abs().mean() < (got_plain - w).abs().mean()
+    with pytest.raises(ValueError, match="fused"):
+        FastWorldModel(model, "int8", False, ref_codes=True)

@@ -108,9 +108,13 @@ def _exclusive_build(build_dir: Path) -> Iterator[None]:
 
 def _register_fake() -> None:
     """Shapes for ``torch.compile`` tracing (the op is an opaque call in compiled graphs)."""
-    @torch.library.register_fake("tdmpc_opt_cpu::ln_mish_int8_v2")
-    def _(base, acc, col_scale, row_scale, a, wa, w, b, eps, wide=False):
-        m, n = (acc if acc is not None else a).shape[0], w.shape[0]
+    @torch.library.register_fake("tdmpc_opt_cpu::ln_mish_int8_v3")
+    def _(base, acc, col_scale, row_scale, a, wa, w, b, eps, wide=False, ref_groups=0):
+        n = w.shape[0]
+        m = acc.shape[0] - 2 * ref_groups if acc is not None else a.shape[0]
+        if ref_groups:
+            return (w.new_empty((m + 2 * ref_groups, n), dtype=torch.int8),
+                    w.new_empty((m + ref_groups, 1)))
         return w.new_empty((2 * m if wide else m, n), dtype=torch.int8), w.new_empty((m, 1))
 
 
@@ -134,7 +138,8 @@ def unavailable_reason() -> str | None:
 def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.Tensor | None,
                  row_scale: torch.Tensor | None, a: torch.Tensor | None,
                  wa: torch.Tensor | None, weight: torch.Tensor, norm_bias: torch.Tensor,
-                 eps: float = 1e-5, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float = 1e-5, wide: bool = False, ref_groups: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's pre-activation, LayerNorm and Mish, quantised for the next product.
 
     Pre-activation of row ``i``: ``base[i // (M / G)] + acc[i] * col_scale * row_scale[i] +
@@ -146,6 +151,11 @@ def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.
     Returns ``(q [M, N] int8, scale [M, 1])`` with ``q * scale ~= mish(layer_norm(x))``;
     ``wide``: ``q [2M, N]`` holds the two planes of :func:`tdmpc_opt.fast_model.
     quantize_rows_wide` instead (``(q[:M] + q[M:] / 128) * scale ~= mish(layer_norm(x))``).
+    ``ref_groups = E > 0`` (reference mode, :func:`tdmpc_opt.fast_model.quantize_rows_ref`):
+    the ``M`` rows are ``E`` groups of consecutive rows; the output is ``[M + 2E, N]`` codes
+    (each row's difference to its group's first row, then the first rows' 15-bit planes) and
+    ``[M + E, 1]`` scales, and an ``acc`` input in that layout (``M + 2E`` rows, ``row_scale``
+    ``M + E``) is read the same way.
     """
-    return torch.ops.tdmpc_opt_cpu.ln_mish_int8_v2(base, acc, col_scale, row_scale, a, wa,
-                                                    weight, norm_bias, eps, wide)
+    return torch.ops.tdmpc_opt_cpu.ln_mish_int8_v3(base, acc, col_scale, row_scale, a, wa,
+                                                    weight, norm_bias, eps, wide, ref_groups)

@@ -136,6 +136,22 @@ def quantize_rows_wide(x: torch.Tensor, row_scale: torch.Tensor
     return torch.cat([hi, lo]).to(torch.int8), row_scale
 
 
+def quantize_rows_ref(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference-mode codes: ``x [M, K]`` as ``groups`` groups of consecutive rows ->
+    ``(codes [M + 2E, K] int8, scales [M + E, 1])``: rows ``< M`` the 8-bit per-row codes of each
+    row's difference to its group's first row; then the ``E`` first rows' 15-bit codes
+    (:func:`quantize_rows_wide`: ``E`` hi rows, ``E`` lo rows) with their scales at ``M..``.
+    Within a planning iteration an environment's rows lie close together, so the differences
+    get a far finer step than the rows themselves (docs/quantization.md)."""
+    m = x.shape[0]
+    g = x.view(groups, m // groups, -1)
+    ref = g[:, 0]
+    d_codes, d_scale = quantize_rows((g - ref[:, None]).reshape(m, -1))
+    ref_scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-12).div_(_INT8_MAX)
+    ref_codes, _ = quantize_rows_wide(ref, ref_scale)
+    return torch.cat([d_codes, ref_codes]), torch.cat([d_scale, ref_scale])
+
+
 class Dense:
     """``y = x @ W + b`` for one linear layer, prepared for a precision.
 
@@ -216,6 +232,17 @@ class Dense:
         y = acc[m:].to(torch.float32).div_(WIDE_PLANE).add_(acc[:m]).mul_(self.scale[:self.out_dim])
         return torch.addcmul(self.bias[:self.out_dim], y, row_scale)
 
+    def ref_product(self, codes: torch.Tensor, scales: torch.Tensor, groups: int
+                    ) -> torch.Tensor:
+        """int8 only: ``x @ W + b`` of :func:`quantize_rows_ref` codes ``[M + 2E, in]`` and
+        scales ``[M + E, 1]`` (``E = groups``), one ``_int_mm`` of all rows -> ``[M, out]``."""
+        m = codes.shape[0] - 2 * groups
+        acc, _ = self.int32_products(codes, scales[:1].expand(codes.shape[0], 1))
+        acc = acc[:, :self.out_dim].to(torch.float32)
+        ref = acc[m + groups:].div_(WIDE_PLANE).add_(acc[m:m + groups]).mul_(scales[m:])
+        y = acc[:m].mul_(scales[:m]).view(groups, m // groups, -1).add_(ref[:, None])
+        return torch.addcmul(self.bias[:self.out_dim], y.view(m, -1), self.scale[:self.out_dim])
+
     def accumulate_(self, acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``acc += x @ W`` in place (no bias); ``acc [M, out]``."""
         m = x.shape[0]
@@ -238,7 +265,8 @@ class FastWorldModel:
     """
 
     def __init__(self, model: WorldModel, precision: str = "fp32",
-                 fused_kernel: bool | None = None, wide: Iterable[str] = WIDE_DEFAULT):
+                 fused_kernel: bool | None = None, wide: Iterable[str] = WIDE_DEFAULT,
+                 ref_codes: bool = False):
         precision, self.compile = parse_precision(precision)
         wide = frozenset(wide)
         if not wide <= set(NETWORKS):
@@ -258,6 +286,13 @@ class FastWorldModel:
             raise ValueError("the fused kernel is for int8 on a CPU where it builds "
                              f"({cpu_kernels.unavailable_reason() or 'it does'})")
         self.fused_kernel = fused_kernel
+        if ref_codes and not fused_kernel:
+            raise ValueError("ref_codes needs the fused int8 CPU kernel")
+        self.ref_codes = ref_codes
+        """int8, fused kernel: every product's rows coded as differences to their environment's
+        first row (:func:`quantize_rows_ref`; replaces the 15-bit outputs). Experimental."""
+        if ref_codes:
+            self.wide = frozenset()
         """Every LayerNorm + Mish layer through :func:`cpu_kernels.ln_mish_int8` (int8, CPU)."""
         self.sync_free = False
         """Never read tensor values on the host (set for CUDA-graph capture)."""
@@ -364,7 +399,7 @@ class FastWorldModel:
         b, r, _ = a.shape
         a = a.reshape(b * r, -1)
         if self.fused_kernel:  # the parts, summed by the kernel
-            zq = None if z is None else quantize_rows(z)
+            zq = None if z is None else self._codes(z, b)
             return tuple(self._parts(first, bias_j, zq, a)
                          for first, bias_j in zip((self.dyn1, self.rew1), bias, strict=True))
         out = []
@@ -374,17 +409,19 @@ class FastWorldModel:
             out.append(pre if z is None else first["z"].accumulate_(pre, z))
         return out[0], out[1]
 
-    def dyn_rew(self, pre: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def dyn_rew(self, pre: tuple[torch.Tensor, torch.Tensor], envs: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamics and reward after their first products.
 
         ``pre``: first-layer pre-activations ``[M, D]`` of dynamics and reward. Returns the
         next latent ``[M, L]`` and the reward logits ``[M, K]``.
         """
-        h = self._layer(self.dyn2, self._act(pre[0], self.dyn1["ln"]), "dyn")
+        g = self._groups(envs)
+        h = self._layer(self.dyn2, self._act(pre[0], self.dyn1["ln"], g), "dyn", g)
         dense, norm = self.dyn3
-        z = F.layer_norm(self._out(dense, h, "dyn"), (self.cfg.latent_dim,), *norm)
-        r = self._layer(self.rew2, self._act(pre[1], self.rew1["ln"]), "rew")
-        return self._simnorm(z), self._out(self.rew3, r, "rew")
+        z = F.layer_norm(self._out(dense, h, "dyn", g), (self.cfg.latent_dim,), *norm)
+        r = self._layer(self.rew2, self._act(pre[1], self.rew1["ln"], g), "rew", g)
+        return self._simnorm(z), self._out(self.rew3, r, "rew", g)
 
     @staticmethod
     def _parts(first: dict, base: torch.Tensor, zq: tuple | None, a: torch.Tensor | None
@@ -396,16 +433,24 @@ class FastWorldModel:
         wa = None if a is None else first["a"].weight
         return (base, acc, None if zq is None else first["z"].scale, row_scale, a, wa)
 
-    def _act(self, x, norm: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+    def _groups(self, envs: int) -> int:
+        """Reference groups of a call on ``envs`` environments (0: plain per-row codes)."""
+        return envs if self.ref_codes else 0
+
+    def _codes(self, z: torch.Tensor, envs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 codes of latents ``z [M, L]`` (``envs`` environments) for first layers."""
+        return quantize_rows_ref(z, envs) if self.ref_codes else quantize_rows(z)
+
+    def _act(self, x, norm: tuple[torch.Tensor, torch.Tensor], groups: int = 0) -> tuple:
         """LayerNorm + Mish of a first layer's pre-activations as the next product's input:
         ``(h [M, D], None)``, int8 ``(h, row scales)``. ``x``: ``[M, D]``, or with the fused
-        kernel :meth:`_parts` (then ``h`` is int8)."""
+        kernel :meth:`_parts` (then ``h`` is int8; reference-mode codes if ``groups``)."""
         if self.fused_kernel:
-            return cpu_kernels.ln_mish_int8(*x, *norm)
+            return cpu_kernels.ln_mish_int8(*x, *norm, ref_groups=groups)
         return ln_mish(x, norm, self.precision == "int8")
 
     def _layer(self, layer: tuple[Dense, tuple[torch.Tensor, torch.Tensor]], h: tuple,
-               net: str) -> tuple:
+               net: str, groups: int = 0) -> tuple:
         """The last hidden layer (product, LayerNorm, Mish) of network ``net`` on
         :meth:`_act`-style input ``h``; for a :attr:`wide` network its output is
         :func:`quantize_rows_wide` codes and row scales."""
@@ -414,12 +459,14 @@ class FastWorldModel:
         if self.fused_kernel:
             acc, row_scale = dense.int32_products(*h)
             return cpu_kernels.ln_mish_int8(dense.bias[None], acc, dense.scale, row_scale, None,
-                                            None, *norm, wide=wide)
+                                            None, *norm, wide=wide, ref_groups=groups)
         out = ln_mish(dense(*h), norm, self.precision == "int8")
         return quantize_rows_wide(*out) if wide else out
 
-    def _out(self, dense: Dense, h: tuple, net: str) -> torch.Tensor:
+    def _out(self, dense: Dense, h: tuple, net: str, groups: int = 0) -> torch.Tensor:
         """The output product of network ``net`` on its :meth:`_layer` output ``h``."""
+        if groups:
+            return dense.ref_product(*h, groups)
         return dense.wide(*h) if net in self.wide else dense(*h)
 
     def _simnorm(self, z: torch.Tensor) -> torch.Tensor:
@@ -441,14 +488,15 @@ class FastWorldModel:
         """
         b, r, _ = z.shape
         first = self.pi1
+        g = self._groups(b)
         if self.fused_kernel:
-            h = self._parts(first, first["task"][task_rows], quantize_rows(z.reshape(b * r, -1)),
+            h = self._parts(first, first["task"][task_rows], self._codes(z.reshape(b * r, -1), b),
                             None)
         else:
             h = first["z"](z.reshape(b * r, -1))
             h.view(b, r, -1).add_(first["task"][task_rows].to(self.dtype)[:, None])
-        h = self._layer(self.pi2, self._act(h, first["ln"]), "pi")
-        mean, raw = self._out(self.pi3, h, "pi").float().reshape(b, r, -1).chunk(2, dim=-1)
+        h = self._layer(self.pi2, self._act(h, first["ln"], g), "pi", g)
+        mean, raw = self._out(self.pi3, h, "pi", g).float().reshape(b, r, -1).chunk(2, dim=-1)
         c = self.cfg
         log_std = torch.tanh(raw).add_(1).mul_(0.5 * (c.log_std_max - c.log_std_min)) \
             .add_(c.log_std_min)
@@ -462,8 +510,9 @@ class FastWorldModel:
         """Sum of the decoded Q of ``members``: ``z [B, R, L], a [B, R, A]`` -> ``[B, R]``."""
         b, r, _ = z.shape
         zf, af = z.reshape(b * r, -1), a.reshape(b * r, -1)
+        g = self._groups(b)
         if self.fused_kernel:  # shared by the members
-            zq, af = quantize_rows(zf), af.contiguous()
+            zq, af = self._codes(zf, b), af.contiguous()
         logits = []
         for m in members:
             first = self.q1[m]
@@ -473,8 +522,8 @@ class FastWorldModel:
                 acc = first["a"](af).view(b, r, -1)
                 acc = acc.add_(first["task"][task_rows][:, None]).view(b * r, -1).to(self.dtype)
                 pre = first["z"].accumulate_(acc, zf)
-            h = self._layer(self.q2[m], self._act(pre, first["ln"]), "q")
-            logits.append(self._out(self.q3[m], h, "q"))
+            h = self._layer(self.q2[m], self._act(pre, first["ln"], g), "q", g)
+            logits.append(self._out(self.q3[m], h, "q", g))
         return self.decode(torch.stack(logits, 1)).sum(-1).view(b, r)
 
     def q_average(self, z: torch.Tensor, a: torch.Tensor, task_rows: torch.Tensor,

@@ -218,7 +218,7 @@ def _policy_trajectories(fm: FastWorldModel, st: _StepState, z0: torch.Tensor,
         a = fm.policy(z, st.rows, eps[:, k], st.mask)              # [B, P, A]
         st.actions[:, k, :p] = a
         pre = fm.first_layers(a, st.bias[:, k], None if k == 0 else z.reshape(b * p, -1))
-        z, r = fm.dyn_rew(pre)
+        z, r = fm.dyn_rew(pre, b)
         z = z.view(b, p, -1)
         logits.append(r)
     st.z_h[:, :p] = z
@@ -233,7 +233,7 @@ def _rollout(fm: FastWorldModel, st: _StepState, actions: torch.Tensor):
     b, h, r, _ = actions.shape
     z, logits = None, []
     for k in range(h):
-        z, rew = fm.dyn_rew(fm.first_layers(actions[:, k], st.bias[:, k], z))
+        z, rew = fm.dyn_rew(fm.first_layers(actions[:, k], st.bias[:, k], z), b)
         logits.append(rew)
     return z, (fm.decode(torch.stack(logits)).view(h, b, r) * st.weights).sum(0)
 

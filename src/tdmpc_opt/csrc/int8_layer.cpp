@@ -39,17 +39,26 @@ float mish(float y) {
 
 // Pre-activation row into buf; returns its sum.
 //   x = base + acc * cs * rs (if acc) + a @ wa (if a; wa is [A, >=n] with row stride ldw)
+//   (+ (ref_hi + ref_lo / 128) * cs * rs_ref: the reference row's part, in reference mode)
 float load_row(const float* base, const int32_t* acc, const float* cs, float rs,
                const float* a, int64_t na, const float* wa, int64_t ldw, int64_t n,
-               float* buf) {
+               float* buf, const int32_t* ref_hi = nullptr, const int32_t* ref_lo = nullptr,
+               float rs_ref = 0.f) {
   const int64_t V = Vec::size();
   int64_t j = 0;
   Vec s(0.f);
+  using IVec = at::vec::Vectorized<int32_t>;
   for (; j + V <= n; j += V) {
     Vec v = Vec::loadu(base + j);
-    if (acc)
-      v = v + at::vec::convert<float>(at::vec::Vectorized<int32_t>::loadu(acc + j)) *
-                  Vec::loadu(cs + j) * Vec(rs);
+    if (acc && ref_hi) {
+      Vec p = at::vec::convert<float>(IVec::loadu(acc + j)) * Vec(rs) +
+              (at::vec::convert<float>(IVec::loadu(ref_hi + j)) +
+               at::vec::convert<float>(IVec::loadu(ref_lo + j)) * Vec(1.f / kLoPlane)) *
+                  Vec(rs_ref);
+      v = v + p * Vec::loadu(cs + j);
+    } else if (acc) {
+      v = v + at::vec::convert<float>(IVec::loadu(acc + j)) * Vec::loadu(cs + j) * Vec(rs);
+    }
     for (int64_t k = 0; k < na; ++k) v = at::vec::fmadd(Vec(a[k]), Vec::loadu(wa + k * ldw + j), v);
     v.store(buf + j);
     s = s + v;
@@ -57,7 +66,11 @@ float load_row(const float* base, const int32_t* acc, const float* cs, float rs,
   float sum = sum_lanes(s);
   for (; j < n; ++j) {
     float v = base[j];
-    if (acc) v += float(acc[j]) * cs[j] * rs;
+    if (acc && ref_hi)
+      v += (float(acc[j]) * rs + (float(ref_hi[j]) + float(ref_lo[j]) / kLoPlane) * rs_ref) *
+           cs[j];
+    else if (acc)
+      v += float(acc[j]) * cs[j] * rs;
     for (int64_t k = 0; k < na; ++k) v = std::fma(a[k], wa[k * ldw + j], v);
     buf[j] = v;
     sum += v;
@@ -111,6 +124,59 @@ void finish_row(const float* w, const float* b, int64_t n, float sum, float eps,
   }
 }
 
+// Reference mode, step 1: LayerNorm + Mish of the row in buf, in place (float outputs).
+void ln_mish_row(const float* w, const float* b, int64_t n, float sum, float eps, float* buf) {
+  const int64_t V = Vec::size();
+  const float mean = sum / n;
+  const Vec m(mean), two(2.f), cap(20.f);
+  Vec sq(0.f);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    Vec d = Vec::loadu(buf + j) - m;
+    sq = sq + d * d;
+  }
+  float var = sum_lanes(sq);
+  for (; j < n; ++j) var += (buf[j] - mean) * (buf[j] - mean);
+  const float rstd = 1.f / std::sqrt(var / n + eps);
+  const Vec r(rstd);
+  for (j = 0; j + V <= n; j += V) {
+    Vec y = (Vec::loadu(buf + j) - m) * r * Vec::loadu(w + j) + Vec::loadu(b + j);
+    Vec e = at::vec::minimum(y, cap).exp_u20();
+    Vec nn = (e + two) * e;
+    (y * nn / (nn + two)).store(buf + j);
+  }
+  for (; j < n; ++j) buf[j] = mish((buf[j] - mean) * rstd * w[j] + b[j]);
+}
+
+// Reference mode, step 2: codes of h - ref (ref null: of h) with scale max|.| / 127 in
+// *top_out; with lo, 15-bit codes as two planes (hi in q).
+void code_row(const float* h, const float* ref, int64_t n, int8_t* q, int8_t* lo,
+              float* top_out) {
+  const int64_t V = Vec::size();
+  Vec mx(0.f);
+  float top = 0.f;
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    Vec d = ref ? Vec::loadu(h + j) - Vec::loadu(ref + j) : Vec::loadu(h + j);
+    mx = at::vec::maximum(mx, d.abs());
+  }
+  for (; j < n; ++j) top = std::max(top, std::abs(ref ? h[j] - ref[j] : h[j]));
+  top = std::max(std::max(top, max_lanes(mx)), 1e-12f) / 127.f;
+  *top_out = top;
+  const Vec inv(1.f / top), plane(kLoPlane);
+  for (j = 0; j + V <= n; j += V) {
+    Vec u = (ref ? Vec::loadu(h + j) - Vec::loadu(ref + j) : Vec::loadu(h + j)) * inv;
+    Vec hi = u.round();
+    at::vec::convert<int8_t>(hi).store(q + j, V);
+    if (lo) at::vec::convert<int8_t>(((u - hi) * plane).round()).store(lo + j, V);
+  }
+  for (; j < n; ++j) {
+    const float u = (ref ? h[j] - ref[j] : h[j]) / top, hi = std::nearbyint(u);
+    q[j] = static_cast<int8_t>(hi);
+    if (lo) lo[j] = static_cast<int8_t>(std::nearbyint((u - hi) * kLoPlane));
+  }
+}
+
 const float* float_ptr(const std::optional<at::Tensor>& t, at::Tensor& keep, int64_t min_numel,
                        const char* name) {
   if (!t) return nullptr;
@@ -124,9 +190,12 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
     const at::Tensor& base, const std::optional<at::Tensor>& acc,
     const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& row_scale,
     const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& wa,
-    const at::Tensor& w, const at::Tensor& b, double eps, bool wide) {
+    const at::Tensor& w, const at::Tensor& b, double eps, bool wide, int64_t ref_groups) {
   TORCH_CHECK(acc || a, "ln_mish_int8: needs products (acc) or actions (a)");
-  const int64_t n = w.numel(), m = acc ? acc->size(0) : a->size(0);
+  const int64_t groups = ref_groups, extra = acc && groups > 0 ? 2 * groups : 0;
+  const int64_t n = w.numel(), m = acc ? acc->size(0) - extra : a->size(0);
+  TORCH_CHECK(groups >= 0 && !(wide && groups > 0) && m > 0 && (groups == 0 || m % groups == 0),
+              "ln_mish_int8: ref_groups must divide the rows (and excludes wide)");
   TORCH_CHECK(base.dim() == 2 && base.size(1) >= n && base.size(0) > 0 && m % base.size(0) == 0,
               "ln_mish_int8: base must be [G, >=N] with G dividing M");
   at::Tensor basec = base.contiguous(), wc = w.contiguous(), bc = b.contiguous(), cs, rs, ac,
@@ -141,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
     ld = acc->stride(0);
   }
   const float* csp = acc ? float_ptr(col_scale, cs, n, "col_scale") : nullptr;
-  const float* rsp = acc ? float_ptr(row_scale, rs, m, "row_scale") : nullptr;
+  const float* rsp = acc ? float_ptr(row_scale, rs, m + extra / 2, "row_scale") : nullptr;
   const float* ap = float_ptr(a, ac, 0, "a");
   const int64_t na = a ? ac.size(1) : 0;
   TORCH_CHECK(!a || (ac.dim() == 2 && ac.size(0) == m && wa && wa->dim() == 2 &&
@@ -152,10 +221,38 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
   const float* bp0 = float_ptr(basec, basec, n, "base");
   const float* wp = float_ptr(wc, wc, n, "w");
   const float* bp = float_ptr(bc, bc, n, "b");
-  auto q = at::empty({wide ? 2 * m : m, n}, w.options().dtype(at::kChar));
-  auto top = at::empty({m, 1}, w.options());
+  const int64_t q_rows = groups > 0 ? m + 2 * groups : (wide ? 2 * m : m);
+  auto q = at::empty({q_rows, n}, w.options().dtype(at::kChar));
+  auto top = at::empty({groups > 0 ? m + groups : m, 1}, w.options());
   int8_t* qp = q.data_ptr<int8_t>();
   float* tp = top.data_ptr<float>();
+  if (groups > 0) {  // reference mode: the groups' first rows, then every row's difference
+    const int64_t rows = m / groups;
+    auto load = [&](int64_t i, float* buf) {
+      const int64_t g = i / rows;
+      return load_row(bp0 + (i / per) * ldb, accp ? accp + i * ld : nullptr, csp,
+                      rsp ? rsp[i] : 0.f, ap ? ap + i * na : nullptr, na, wap, ldw, n, buf,
+                      extra ? accp + (m + g) * ld : nullptr,
+                      extra ? accp + (m + groups + g) * ld : nullptr,
+                      extra ? rsp[m + g] : 0.f);
+    };
+    std::vector<float> ref(groups * n);
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        float* h = ref.data() + g * n;
+        ln_mish_row(wp, bp, n, load(g * rows, h), static_cast<float>(eps), h);
+        code_row(h, nullptr, n, qp + (m + g) * n, qp + (m + groups + g) * n, tp + m + g);
+      }
+    });
+    at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(n);
+      for (int64_t i = begin; i < end; ++i) {
+        ln_mish_row(wp, bp, n, load(i, buf.data()), static_cast<float>(eps), buf.data());
+        code_row(buf.data(), ref.data() + (i / rows) * n, n, qp + i * n, nullptr, tp + i);
+      }
+    });
+    return {q, top};
+  }
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(n);
     for (int64_t i = begin; i < end; ++i) {
@@ -174,8 +271,9 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
 // The op's name carries a version that changes with its schema: inductor caches compiled
 // graphs (with their C++ calls of the op) by op name, so a renamed op never meets a stale one.
 TORCH_LIBRARY(tdmpc_opt_cpu, m) {
-  m.def("ln_mish_int8_v2(Tensor base, Tensor? acc, Tensor? col_scale, Tensor? row_scale, "
-        "Tensor? a, Tensor? wa, Tensor w, Tensor b, float eps, bool wide=False) -> (Tensor, Tensor)");
+  m.def("ln_mish_int8_v3(Tensor base, Tensor? acc, Tensor? col_scale, Tensor? row_scale, "
+        "Tensor? a, Tensor? wa, Tensor w, Tensor b, float eps, bool wide=False, "
+        "int ref_groups=0) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) { m.impl("ln_mish_int8_v2", &ln_mish_int8); }
+TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) { m.impl("ln_mish_int8_v3", &ln_mish_int8); }
