@@ -32,6 +32,27 @@ float max_lanes(Vec v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
 }
 
+// exp(min(y, 20)) for Mish, inputs below -80 taken as -80 (Mish is 0 there to float
+// precision): exp(y) = 2^k exp(r), k = round(y / ln 2), r = y - k ln 2 in [-ln2/2, ln2/2],
+// exp(r) by exp_u20's degree-5 polynomial and 2^k by scalef: 11 vector ops where
+// min + exp_u20 take ~20, same accuracy (relative error ~1e-7). Other ISAs: exp_u20.
+inline Vec mish_exp(Vec y) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = _mm512_max_ps(_mm512_min_ps(y, _mm512_set1_ps(20.f)), _mm512_set1_ps(-80.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693147182f), x);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, k);
+#else
+  return at::vec::minimum(y, Vec(20.f)).exp_u20();
+#endif
+}
+
 float mish(float y) {
   const float e = std::exp(std::min(y, 20.f)), n = (e + 2.f) * e;
   return y * n / (n + 2.f);
@@ -108,10 +129,10 @@ void finish_row(const float* w, const float* b, int64_t n, float sum, float eps,
   }
   top = std::max(mish(std::max(top, max_lanes(mx))), 0.30885f) / 127.f;
   *top_out = top;
-  const Vec t(top), two(2.f), cap(20.f), plane(kLoPlane);
+  const Vec t(top), two(2.f), plane(kLoPlane);
   for (j = 0; j + V <= n; j += V) {
     Vec y = Vec::loadu(buf + j);
-    Vec e = at::vec::minimum(y, cap).exp_u20();  // ~1e-6 relative: far below int8 steps
+    Vec e = mish_exp(y);  // ~1e-6 relative: far below int8 steps
     Vec nn = (e + two) * e;
     Vec u = y * nn / ((nn + two) * t), hi = u.round();
     at::vec::convert<int8_t>(hi).store(q + j, V);
@@ -128,7 +149,7 @@ void finish_row(const float* w, const float* b, int64_t n, float sum, float eps,
 void ln_mish_row(const float* w, const float* b, int64_t n, float sum, float eps, float* buf) {
   const int64_t V = Vec::size();
   const float mean = sum / n;
-  const Vec m(mean), two(2.f), cap(20.f);
+  const Vec m(mean), two(2.f);
   Vec sq(0.f);
   int64_t j = 0;
   for (; j + V <= n; j += V) {
@@ -141,7 +162,7 @@ void ln_mish_row(const float* w, const float* b, int64_t n, float sum, float eps
   const Vec r(rstd);
   for (j = 0; j + V <= n; j += V) {
     Vec y = (Vec::loadu(buf + j) - m) * r * Vec::loadu(w + j) + Vec::loadu(b + j);
-    Vec e = at::vec::minimum(y, cap).exp_u20();
+    Vec e = mish_exp(y);
     Vec nn = (e + two) * e;
     (y * nn / (nn + two)).store(buf + j);
   }
