@@ -290,6 +290,18 @@ def _iteration(fm: FastWorldModel, cfg: PlannerConfig, st: _StepState, mean: tor
     return _refit(cfg, value, st.actions, st.mask)
 
 
+def _search(fm: FastWorldModel, cfg: PlannerConfig, st: _StepState, mean: torch.Tensor,
+            std: torch.Tensor, sample: torch.Tensor, pi_value: torch.Tensor,
+            q_pick: torch.Tensor):
+    """All MPPI iterations (:func:`_iteration`) from ``mean``/``std`` ``[B, H, A]``, with
+    each iteration's noise ``sample [B, I, H, S, A]``, ``pi_value [B, I, N, A]``,
+    ``q_pick [B, I, Q]``; one compiled region with ``+compile``. Returns the last refit."""
+    for it in range(cfg.iterations):
+        mean, std, score, elite_actions = _iteration(fm, cfg, st, mean, std, sample[:, it],
+                                                     pi_value[:, it], q_pick[:, it])
+    return mean, std, score, elite_actions
+
+
 @torch.no_grad()
 def plan(model: WorldModel | FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor,
          task: torch.Tensor | None, prev_mean: torch.Tensor, t0: torch.Tensor, eval_mode: bool,
@@ -327,10 +339,9 @@ def _plan(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.
     shifted = F.pad(prev_mean[:, 1:].to(torch.float32), (0, 0, 0, 1))
     mean = torch.where(t0.bool().reshape(b, 1, 1), torch.zeros_like(shifted), shifted)
     std = torch.full((b, h, a_dim), cfg.max_std, device=z0.device)
-    step = fm.compiled("iteration", _iteration) if fm.compile else _iteration
-    for it in range(cfg.iterations):
-        mean, std, score, elite_actions = step(fm, cfg, st, mean, std, noise.sample[:, it],
-                                               noise.pi_value[:, it], noise.q_pick[:, it])
+    search = fm.compiled("search", _search) if fm.compile else _search
+    mean, std, score, elite_actions = search(fm, cfg, st, mean, std, noise.sample,
+                                             noise.pi_value, noise.q_pick)
     idx = tm.gumbel_argmax(score, noise.gumbel)  # [B]
     action = elite_actions[torch.arange(b, device=z0.device), 0, idx]
     if not eval_mode:
