@@ -2,14 +2,15 @@
 
 Plans batch-1 MPPI steps (TD-MPC2's settings) with the published 1M MT30 student in int8,
 each layer's LayerNorm + Mish + quantisation computed either by PyTorch ops
-(``fused_kernel=False``) or by ``cpu_kernels.ln_mish_int8``, eager and ``+compile``; with
-``--wide``, the fused ``+compile`` planner with 8-bit codes everywhere against 15-bit codes
-into the output products of the networks in ``FastWorldModel``'s default ``wide`` set. Variants
+(``fused_kernel=False``) or by ``cpu_kernels.ln_mish_int8``, eager and ``+compile`` (both
+with 15-bit codes into the dynamics' and Q output products, which PyTorch ops can run); with
+``--codes``, the fused ``+compile`` planner's activation codes: 8-bit everywhere, 15-bit into
+the output products of ``WIDE_DEFAULT``, and reference-row codes (the default). Variants
 are timed interleaved (one call of each in turn) so that drift of a shared machine hits them
 alike; prints the median, quartile and minimum milliseconds per plan and the first action.
 
     python benchmarks/bench_int8_kernel.py --threads 2 --calls 100
-    python benchmarks/bench_int8_kernel.py --threads 2 --calls 100 --wide
+    python benchmarks/bench_int8_kernel.py --threads 2 --calls 100 --codes
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ from tdmpc_opt.planner import plan
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / \
     "tdmpc-opt-mt30-1M-fp16.pt"
-VARIANTS = (("int8", False, WIDE_DEFAULT), ("int8", True, WIDE_DEFAULT),
-            ("int8+compile", False, WIDE_DEFAULT), ("int8+compile", True, WIDE_DEFAULT))
-WIDE_VARIANTS = (("int8+compile", True, frozenset()), ("int8+compile", True, WIDE_DEFAULT))
+VARIANTS = (("int8", False, WIDE_DEFAULT, False), ("int8", True, WIDE_DEFAULT, False),
+            ("int8+compile", False, WIDE_DEFAULT, False),
+            ("int8+compile", True, WIDE_DEFAULT, False))
+"""(precision, fused kernel, networks with 15-bit output codes, reference-row codes)."""
+CODE_VARIANTS = (("int8+compile", True, frozenset(), False),
+                 ("int8+compile", True, WIDE_DEFAULT, False),
+                 ("int8+compile", True, frozenset(), True))
 
 
 def main() -> int:
@@ -42,8 +47,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--wide", action="store_true",
-                   help="compare 8-bit codes everywhere with the default 15-bit outputs")
+    p.add_argument("--codes", action="store_true",
+                   help="compare activation codes: 8-bit, 15-bit outputs, reference rows")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
@@ -52,13 +57,14 @@ def main() -> int:
     agent = load_agent(args.checkpoint)
     _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, args.batch)
     views = []
-    for precision, fused, wide in WIDE_VARIANTS if args.wide else VARIANTS:
-        fm = FastWorldModel(agent.model, precision, fused, wide)
+    for precision, fused, wide, ref in CODE_VARIANTS if args.codes else VARIANTS:
+        fm = FastWorldModel(agent.model, precision, fused, wide, ref)
         start = time.perf_counter()
         action, _ = plan(fm, agent.planner, z, task, prev, t0, True, noise, gamma)
         name = f"{precision} {'fused kernel' if fused else 'PyTorch ops'}"
-        if args.wide:
-            name += f", 15-bit into {','.join(sorted(wide)) or 'none'}"
+        if args.codes:
+            name += ", reference rows" if ref else \
+                f", 15-bit into {','.join(sorted(wide)) or 'none'}"
         views.append((name, fm, time.perf_counter() - start, action[0, :3].tolist()))
     times: list[list[float]] = [[] for _ in views]
     for _ in range(args.calls):

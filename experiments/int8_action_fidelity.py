@@ -72,7 +72,8 @@ def main() -> None:
             elif variant == "bf16":
                 fm = FastWorldModel(model, "bf16")
             elif variant.startswith("int8:"):
-                fm = FastWorldModel(model, "int8", wide=[n for n in variant[5:].split(",") if n])
+                fm = FastWorldModel(model, "int8", wide=[n for n in variant[5:].split(",") if n],
+                                    ref_codes=False)
             elif variant.startswith("sim:"):
                 _, bits, layers = variant.split(":")
                 fast_model.ln_mish = rounded_activations(bits, set(layers.split(",")),

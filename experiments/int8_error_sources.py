@@ -131,6 +131,11 @@ def float_layers(view, model, variant: str) -> None:
         view.q1[m]["z"] = latent_part(q[0].weight[m])
 
 
+def plan_with(agent, view: FastWorldModel) -> None:
+    """Make ``agent``'s int8 planner use ``view`` (the view cache :func:`fast_view` reads)."""
+    fast_model._VIEWS[agent.model] = {"int8": (fast_model._fingerprint(agent.model), view)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("variant", choices=VARIANTS)
@@ -152,16 +157,16 @@ def main() -> None:
         fast_model.ln_mish = rounded_activations(args.variant, nets, names)
     elif args.variant == "ref-fused":
         agent = load_fast_agent(args.checkpoint, "int8")
-        view = FastWorldModel(agent.model, "int8", ref_codes=True)
-        fast_model._VIEWS[agent.model] = {"int8": (fast_model._fingerprint(agent.model), view)}
+        plan_with(agent, FastWorldModel(agent.model, "int8", ref_codes=True))
     elif args.variant == "ref":
         agent = load_fast_agent(args.checkpoint, "int8")
-        view = fast_view(agent.model, "int8")
-        view.fused_kernel, view.wide = False, frozenset()
+        plan_with(agent, FastWorldModel(agent.model, "int8", False, wide=(), ref_codes=False))
         reference_row_products()
-    else:
+    else:  # the 15-bit-output int8 planner these variants were measured with (session 6)
         agent = load_fast_agent(args.checkpoint, "int8")
-        float_layers(fast_view(agent.model, "int8"), agent.model, args.variant)
+        view = FastWorldModel(agent.model, "int8", ref_codes=False)
+        plan_with(agent, view)
+        float_layers(view, agent.model, args.variant)
     specs = episode_specs(tuple(args.tasks.split(",")), args.episodes, args.seed)
     returns: dict[str, list[float]] = {}
     for r in run_episodes(agent, specs):

@@ -117,8 +117,10 @@ def _model(cfg):
 
 @torch.no_grad()
 def test_planner_predictions_with_and_without_kernel(tiny_cfg):
+    """The kernel computes what the PyTorch ops do, for the codes both run (15-bit outputs)."""
     model = _model(tiny_cfg)
-    fused, plain = FastWorldModel(model, "int8", True), FastWorldModel(model, "int8", False)
+    fused = FastWorldModel(model, "int8", True, ref_codes=False)
+    plain = FastWorldModel(model, "int8", False)
     assert fused.fused_kernel and not plain.fused_kernel
     task = torch.tensor([0, 1, 2])
     z = plain.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim), task))
@@ -256,8 +258,9 @@ def test_reference_codes_predict_closer_to_float32(tiny_cfg):
     for p in model.parameters():  # the reward and Q output layers start at zero
         p.add_(0.1 * torch.randn(p.shape, generator=g))
     exact = FastWorldModel(model)
-    plain = FastWorldModel(model, "int8", True, wide=())
-    ref = FastWorldModel(model, "int8", True, ref_codes=True)
+    plain = FastWorldModel(model, "int8", True, wide=(), ref_codes=False)
+    ref = FastWorldModel(model, "int8")  # the default with the kernel
+    assert ref.fused_kernel and ref.ref_codes and ref.wide == set()
     task = torch.tensor([0, 1, 2])
     z = exact.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim, generator=g), task))
     z = z[:, None].expand(3, 40, -1).contiguous()

@@ -296,8 +296,10 @@ def test_wide_networks_predict_closer_to_float32(tiny_cfg):
     move closer to float32; other networks are untouched; bad names are refused."""
     model = _model(tiny_cfg)
     exact = FastWorldModel(model)
-    narrow, wide = FastWorldModel(model, "int8", wide=()), FastWorldModel(model, "int8")
-    assert wide.wide == WIDE_DEFAULT == {"dyn", "q"} and FastWorldModel(model, "bf16").wide == set()
+    narrow = FastWorldModel(model, "int8", False, wide=())
+    wide = FastWorldModel(model, "int8", False)  # PyTorch ops: no reference-row codes
+    assert wide.wide == WIDE_DEFAULT == {"dyn", "q"} and not wide.ref_codes
+    assert FastWorldModel(model, "bf16").wide == set()
     task = torch.tensor([0, 1, 2])
     z = exact.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim), task))
     z = z[:, None].expand(3, 40, -1).contiguous()

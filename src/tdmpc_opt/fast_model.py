@@ -11,8 +11,9 @@ re-arranges the weights once instead of re-doing work per call:
 * weights are pre-transposed ``[in, out]`` and contiguous, in the chosen precision:
   ``fp32`` (exact), ``bf16`` (weights and activations bfloat16, products accumulate in
   float32) or ``int8`` (per-output-channel int8 weights, per-row int8 activations,
-  ``torch._int_mm``; the activations into the dynamics' and Q-functions' output products as
-  15-bit codes in two int8 planes, :data:`WIDE_DEFAULT`);
+  ``torch._int_mm``; with the fused CPU kernel each row coded as its difference to its
+  environment's first row, :func:`quantize_rows_ref`; otherwise the activations into the
+  dynamics' and Q-functions' output products as 15-bit codes, :data:`WIDE_DEFAULT`);
 * Mish is computed exactly through one exponential (:func:`mish_`), in place;
 * int8 on a CPU: each layer's pre-activation sum, LayerNorm, Mish and quantisation for the
   next product run as one hand-fused kernel (:mod:`tdmpc_opt.cpu_kernels`, one pass per row)
@@ -44,7 +45,8 @@ from tdmpc_opt.world_model import WorldModel
 NETWORKS = ("dyn", "rew", "pi", "q")
 """The planner's networks: dynamics, reward, policy prior, Q-functions."""
 WIDE_DEFAULT = frozenset({"dyn", "q"})
-"""int8: networks whose output product reads 15-bit activation codes by default. 8-bit codes
+"""int8 without reference-row codes (PyTorch ops, e.g. on a GPU): networks whose output
+product reads 15-bit activation codes by default. 8-bit codes
 there move the planned actions as much as all other int8 rounding together (the next latent's
 and the Q value's inputs; docs/quantization.md), for ~7% + ~4% of a plan's products."""
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -266,7 +268,7 @@ class FastWorldModel:
 
     def __init__(self, model: WorldModel, precision: str = "fp32",
                  fused_kernel: bool | None = None, wide: Iterable[str] = WIDE_DEFAULT,
-                 ref_codes: bool = False):
+                 ref_codes: bool | None = None):
         precision, self.compile = parse_precision(precision)
         wide = frozenset(wide)
         if not wide <= set(NETWORKS):
@@ -286,14 +288,18 @@ class FastWorldModel:
             raise ValueError("the fused kernel is for int8 on a CPU where it builds "
                              f"({cpu_kernels.unavailable_reason() or 'it does'})")
         self.fused_kernel = fused_kernel
+        """Every LayerNorm + Mish layer through :func:`cpu_kernels.ln_mish_int8` (int8, CPU)."""
+        if ref_codes is None:  # the default wherever the fused kernel runs
+            ref_codes = fused_kernel
         if ref_codes and not fused_kernel:
             raise ValueError("ref_codes needs the fused int8 CPU kernel")
         self.ref_codes = ref_codes
-        """int8, fused kernel: every product's rows coded as differences to their environment's
-        first row (:func:`quantize_rows_ref`; replaces the 15-bit outputs). Experimental."""
+        """int8 with the fused kernel (its default there): every product's rows coded as
+        differences to their environment's first row (:func:`quantize_rows_ref`), in place of
+        the :attr:`wide` output codes; within 1.5% of float32's score where 8-bit per-row codes
+        lose 3-9% (docs/quantization.md)."""
         if ref_codes:
             self.wide = frozenset()
-        """Every LayerNorm + Mish layer through :func:`cpu_kernels.ln_mish_int8` (int8, CPU)."""
         self.sync_free = False
         """Never read tensor values on the host (set for CUDA-graph capture)."""
         c = model.cfg
