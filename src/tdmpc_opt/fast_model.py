@@ -66,8 +66,9 @@ _MISH_MIN = 0.30885
 def parse_precision(spec: str) -> tuple[str, bool]:
     """``"int8"`` -> ``("int8", False)``; ``"int8+compile"`` -> ``("int8", True)``.
 
-    ``+compile`` runs each MPPI iteration through ``torch.compile`` (inductor), which fuses the
-    elementwise work; the first plan of each batch size compiles (about a minute on a CPU).
+    ``+compile`` runs a plan's MPPI iterations through ``torch.compile`` (inductor) as one
+    graph, which fuses the elementwise work; the first plan of each batch size compiles (about
+    2.5 minutes on a 2-core CPU; inductor caches it on disk for later processes).
     """
     precision, compile_ = spec, spec.endswith(COMPILE_SUFFIX)
     if compile_:

@@ -52,7 +52,7 @@ def add_arguments(p):
                         "for bf16 files, else fp32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the planner (the first plan of each batch size "
-                        "compiles, about a minute)")
+                        "compiles, ~2.5 minutes on 2 cores; cached on disk)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     add_backend_arguments(p)

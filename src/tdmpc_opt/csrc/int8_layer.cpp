@@ -145,8 +145,10 @@ void finish_row(const float* w, const float* b, int64_t n, float sum, float eps,
   }
 }
 
-// Reference mode, step 1: LayerNorm + Mish of the row in buf, in place (float outputs).
-void ln_mish_row(const float* w, const float* b, int64_t n, float sum, float eps, float* buf) {
+// Reference mode, step 1: LayerNorm + Mish of the row in buf, in place (float outputs);
+// returns max_j |h_j - ref_j| (ref null: max_j |h_j|), the scale step 2 needs.
+float ln_mish_row(const float* w, const float* b, int64_t n, float sum, float eps, float* buf,
+                  const float* ref) {
   const int64_t V = Vec::size();
   const float mean = sum / n;
   const Vec m(mean), two(2.f);
@@ -160,32 +162,33 @@ void ln_mish_row(const float* w, const float* b, int64_t n, float sum, float eps
   for (; j < n; ++j) var += (buf[j] - mean) * (buf[j] - mean);
   const float rstd = 1.f / std::sqrt(var / n + eps);
   const Vec r(rstd);
+  Vec mx(0.f);
   for (j = 0; j + V <= n; j += V) {
     Vec y = (Vec::loadu(buf + j) - m) * r * Vec::loadu(w + j) + Vec::loadu(b + j);
     Vec e = mish_exp(y);
     Vec nn = (e + two) * e;
-    (y * nn / (nn + two)).store(buf + j);
+    Vec h = y * nn / (nn + two);
+    h.store(buf + j);
+    mx = at::vec::maximum(mx, (ref ? h - Vec::loadu(ref + j) : h).abs());
   }
-  for (; j < n; ++j) buf[j] = mish((buf[j] - mean) * rstd * w[j] + b[j]);
+  float top = max_lanes(mx);
+  for (; j < n; ++j) {
+    buf[j] = mish((buf[j] - mean) * rstd * w[j] + b[j]);
+    top = std::max(top, std::abs(ref ? buf[j] - ref[j] : buf[j]));
+  }
+  return top;
 }
 
 // Reference mode, step 2: codes of h - ref (ref null: of h) with scale max|.| / 127 in
-// *top_out; with lo, 15-bit codes as two planes (hi in q).
-void code_row(const float* h, const float* ref, int64_t n, int8_t* q, int8_t* lo,
+// *top_out (max|.| from step 1); with lo, 15-bit codes as two planes (hi in q).
+void code_row(const float* h, const float* ref, int64_t n, float maxabs, int8_t* q, int8_t* lo,
               float* top_out) {
   const int64_t V = Vec::size();
-  Vec mx(0.f);
-  float top = 0.f;
-  int64_t j = 0;
-  for (; j + V <= n; j += V) {
-    Vec d = ref ? Vec::loadu(h + j) - Vec::loadu(ref + j) : Vec::loadu(h + j);
-    mx = at::vec::maximum(mx, d.abs());
-  }
-  for (; j < n; ++j) top = std::max(top, std::abs(ref ? h[j] - ref[j] : h[j]));
-  top = std::max(std::max(top, max_lanes(mx)), 1e-12f) / 127.f;
+  const float top = std::max(maxabs, 1e-12f) / 127.f;
   *top_out = top;
   const Vec inv(1.f / top), plane(kLoPlane);
-  for (j = 0; j + V <= n; j += V) {
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
     Vec u = (ref ? Vec::loadu(h + j) - Vec::loadu(ref + j) : Vec::loadu(h + j)) * inv;
     Vec hi = u.round();
     at::vec::convert<int8_t>(hi).store(q + j, V);
@@ -261,15 +264,18 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
         float* h = ref.data() + g * n;
-        ln_mish_row(wp, bp, n, load(g * rows, h), static_cast<float>(eps), h);
-        code_row(h, nullptr, n, qp + (m + g) * n, qp + (m + groups + g) * n, tp + m + g);
+        const float top = ln_mish_row(wp, bp, n, load(g * rows, h), static_cast<float>(eps), h,
+                                      nullptr);
+        code_row(h, nullptr, n, top, qp + (m + g) * n, qp + (m + groups + g) * n, tp + m + g);
       }
     });
     at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(n);
       for (int64_t i = begin; i < end; ++i) {
-        ln_mish_row(wp, bp, n, load(i, buf.data()), static_cast<float>(eps), buf.data());
-        code_row(buf.data(), ref.data() + (i / rows) * n, n, qp + i * n, nullptr, tp + i);
+        const float* r = ref.data() + (i / rows) * n;
+        const float top = ln_mish_row(wp, bp, n, load(i, buf.data()), static_cast<float>(eps),
+                                      buf.data(), r);
+        code_row(buf.data(), r, n, top, qp + i * n, nullptr, tp + i);
       }
     });
     return {q, top};
