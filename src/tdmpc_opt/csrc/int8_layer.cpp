@@ -99,12 +99,10 @@ float load_row(const float* base, const int32_t* acc, const float* cs, float rs,
   return sum;
 }
 
-// LayerNorm + Mish + int8 of the row in buf (n values); writes q[0:n] and *top_out, and
-// with lo the second plane lo[0:n] (see wide above).
-void finish_row(const float* w, const float* b, int64_t n, float sum, float eps, float* buf,
-                int8_t* q, int8_t* lo, float* top_out) {
+// 1 / sqrt(variance + eps) of the row in buf (n values), two passes around its mean as
+// PyTorch's LayerNorm computes it.
+float row_rstd(const float* buf, int64_t n, float mean, float eps) {
   const int64_t V = Vec::size();
-  const float mean = sum / n;
   const Vec m(mean);
   Vec sq(0.f);
   int64_t j = 0;
@@ -114,11 +112,22 @@ void finish_row(const float* w, const float* b, int64_t n, float sum, float eps,
   }
   float var = sum_lanes(sq);
   for (; j < n; ++j) var += (buf[j] - mean) * (buf[j] - mean);
-  const float rstd = 1.f / std::sqrt(var / n + eps);
+  return 1.f / std::sqrt(var / n + eps);
+}
+
+// LayerNorm + Mish + int8 of the row in buf (n values); writes q[0:n] and *top_out, and
+// with lo the second plane lo[0:n] (see wide above).
+void finish_row(const float* w, const float* b, int64_t n, float sum, float eps, float* buf,
+                int8_t* q, int8_t* lo, float* top_out) {
+  const int64_t V = Vec::size();
+  const float mean = sum / n;
+  const Vec m(mean);
+  const float rstd = row_rstd(buf, n, mean, eps);
   const Vec r(rstd);
   Vec mx(-INFINITY);
   float top = -INFINITY;
-  for (j = 0; j + V <= n; j += V) {
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
     Vec y = (Vec::loadu(buf + j) - m) * r * Vec::loadu(w + j) + Vec::loadu(b + j);
     y.store(buf + j);
     mx = at::vec::maximum(mx, y);
@@ -152,18 +161,11 @@ float ln_mish_row(const float* w, const float* b, int64_t n, float sum, float ep
   const int64_t V = Vec::size();
   const float mean = sum / n;
   const Vec m(mean), two(2.f);
-  Vec sq(0.f);
-  int64_t j = 0;
-  for (; j + V <= n; j += V) {
-    Vec d = Vec::loadu(buf + j) - m;
-    sq = sq + d * d;
-  }
-  float var = sum_lanes(sq);
-  for (; j < n; ++j) var += (buf[j] - mean) * (buf[j] - mean);
-  const float rstd = 1.f / std::sqrt(var / n + eps);
+  const float rstd = row_rstd(buf, n, mean, eps);
   const Vec r(rstd);
   Vec mx(0.f);
-  for (j = 0; j + V <= n; j += V) {
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
     Vec y = (Vec::loadu(buf + j) - m) * r * Vec::loadu(w + j) + Vec::loadu(b + j);
     Vec e = mish_exp(y);
     Vec nn = (e + two) * e;
