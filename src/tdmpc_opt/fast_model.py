@@ -122,8 +122,20 @@ def quantize_rows(x: torch.Tensor, row_scale: torch.Tensor | None = None
     """Symmetric per-row int8: ``x [M, K]`` -> ``(q [M, K] int8, scale [M, 1])``, ``q * scale
     ~= x``; the scales are the rows' absolute maxima / 127 unless given."""
     if row_scale is None:
-        row_scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-12).div_(_INT8_MAX)
+        row_scale = _row_scales(x)
     return torch.div(x, row_scale).round_().to(torch.int8), row_scale
+
+
+def _row_scales(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scales of the rows of ``x [M, K]``: absolute maxima / 127, ``[M, 1]``."""
+    return x.abs().amax(-1, keepdim=True).clamp_min_(1e-12).div_(_INT8_MAX)
+
+
+def _wide_planes(x: torch.Tensor, row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two planes of :func:`quantize_rows_wide`, still float: ``(hi, lo)``, each ``[M, K]``."""
+    u = torch.div(x, row_scale)
+    hi = torch.round(u)
+    return hi, u.sub_(hi).mul_(WIDE_PLANE).round_()
 
 
 def quantize_rows_wide(x: torch.Tensor, row_scale: torch.Tensor
@@ -133,10 +145,7 @@ def quantize_rows_wide(x: torch.Tensor, row_scale: torch.Tensor
     ``lo = round((u - hi) * WIDE_PLANE)`` in rows ``M..2M-1``; ``hi + lo / WIDE_PLANE`` is ``u``
     to 1/256 of an int8 step. One int8 product of all ``2M`` rows then has 15-bit inputs
     (:meth:`Dense.wide`)."""
-    u = torch.div(x, row_scale)
-    hi = torch.round(u)
-    lo = u.sub_(hi).mul_(WIDE_PLANE).round_()
-    return torch.cat([hi, lo]).to(torch.int8), row_scale
+    return torch.cat(_wide_planes(x, row_scale)).to(torch.int8), row_scale
 
 
 def quantize_rows_ref(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,15 +159,11 @@ def quantize_rows_ref(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch
     g = x.view(groups, m // groups, -1)
     ref = g[:, 0]
     d = (g - ref[:, None]).reshape(m, -1)
-    d_scale = d.abs().amax(-1, keepdim=True).clamp_min_(1e-12).div_(_INT8_MAX)
-    ref_scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-12).div_(_INT8_MAX)
-    u = torch.div(ref, ref_scale)
-    hi = torch.round(u)
-    lo = u.sub_(hi).mul_(WIDE_PLANE).round_()
+    d_scale, ref_scale = _row_scales(d), _row_scales(ref)
     # :func:`quantize_rows` and :func:`quantize_rows_wide`'s numbers, joined while float:
     # compiled, one fused kernel instead of an int8 ``cat`` after them
-    codes = torch.cat([torch.div(d, d_scale).round_(), hi, lo]).to(torch.int8)
-    return codes, torch.cat([d_scale, ref_scale])
+    codes = torch.cat([torch.div(d, d_scale).round_(), *_wide_planes(ref, ref_scale)])
+    return codes.to(torch.int8), torch.cat([d_scale, ref_scale])
 
 
 class Dense:
