@@ -38,7 +38,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from tdmpc_opt import cpu_kernels
+from tdmpc_opt import cpu_kernels, products
 from tdmpc_opt import math as tm
 from tdmpc_opt.world_model import WorldModel
 
@@ -172,7 +172,9 @@ class Dense:
     ``weight`` is ``[out, in]`` as in ``nn.Linear``; inputs ``[M, in]`` (any row stride),
     outputs ``[M, out]`` (computed ``out`` rounded up to a multiple of 8 wide, which BLAS
     runs faster, then sliced). int8: weights per output channel and activations per row, both
-    symmetric; the int32 products are rescaled in float32.
+    symmetric; the int32 products are rescaled in float32. Where this CPU has no native int8
+    or bfloat16 products, they are computed through float32 BLAS (:mod:`tdmpc_opt.products`:
+    identical int32 results; bf16 rounded the same way up to summation order).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str):
@@ -189,10 +191,16 @@ class Dense:
             self.scale = w.abs().amax(1).clamp_min(1e-12) / _INT8_MAX
             self.weight = torch.round(w / self.scale[:, None]).clamp(-127, 127) \
                 .to(torch.int8).t()
+            self.weight_float = products.int_weight(self.weight)
+            """float32 copy of the int8 weight where int8 products are not native, else None."""
             dtype = torch.float32
         else:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             self.scale, self.weight = None, w.t().contiguous().to(dtype)
+        self.emulated = not products.native(precision, w.device)
+        """Products through float32 BLAS (:mod:`tdmpc_opt.products`)."""
+        if self.emulated and precision == "bf16":  # bf16 values, float32 products
+            self.weight = self.weight.float()
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
 
     def product(self, x: torch.Tensor, row_scale: torch.Tensor | None = None
@@ -201,7 +209,7 @@ class Dense:
         where ``y`` carries the weight scales and the caller applies the row scales (given,
         or from the rows' absolute maxima)."""
         if self.precision != "int8":
-            return (x @ self.weight)[:, :self.out_dim], None
+            return self._mm(x)[:, :self.out_dim], None
         y, row_scale = self.int32_products(x, row_scale)
         return y[:, :self.out_dim].to(torch.float32).mul_(self.scale[:self.out_dim]), row_scale
 
@@ -218,7 +226,7 @@ class Dense:
             return y[:m], s[:m]
         if x.dtype != torch.int8:
             x, row_scale = quantize_rows(x, row_scale)
-        return torch._int_mm(x, self.weight), row_scale
+        return products.int_mm(x, self.weight, self.weight_float), row_scale
 
     def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``x [M, in]`` -> ``[M, out]``; ``row_scale [M, 1]``: int8 input scales, if known."""
@@ -228,13 +236,20 @@ class Dense:
             s = None if row_scale is None else F.pad(row_scale, (0, 0, 0, pad), value=1.0)
             return self(F.pad(x, (0, 0, 0, pad)), s)[:m]
         if self.precision != "int8":
-            if self.bias is None:
-                return torch.mm(x, self.weight)[:, :self.out_dim]
-            return torch.addmm(self.bias, x, self.weight)[:, :self.out_dim]
+            return self._mm(x, self.bias)[:, :self.out_dim]
         y, s = self.product(x, row_scale)
         if self.bias is None:
             return y.mul_(s)
         return torch.addcmul(self.bias[:self.out_dim], y, s)
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 / bf16: ``x @ W (+ bias)`` ``[M, out padded]`` in the activations' dtype;
+        bf16 without native products: float32 products of the bf16 values, rounded once."""
+        if self.emulated:
+            y = torch.mm(x.float(), self.weight) if bias is None else \
+                torch.addmm(bias.float(), x.float(), self.weight)
+            return y.to(x.dtype)
+        return torch.mm(x, self.weight) if bias is None else torch.addmm(bias, x, self.weight)
 
     def wide(self, codes: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
         """int8 only: ``x @ W + b`` of wide codes ``[2M, in]`` (:func:`quantize_rows_wide`)
@@ -242,7 +257,7 @@ class Dense:
         rows, m = codes.shape[0], codes.shape[0] // 2
         if rows < self.min_rows:
             codes = F.pad(codes, (0, 0, 0, self.min_rows - rows))
-        acc = torch._int_mm(codes, self.weight)[:rows, :self.out_dim]
+        acc = products.int_mm(codes, self.weight, self.weight_float)[:rows, :self.out_dim]
         y = acc[m:].to(torch.float32).div_(WIDE_PLANE).add_(acc[:m]).mul_(self.scale[:self.out_dim])
         return torch.addcmul(self.bias[:self.out_dim], y, row_scale)
 
@@ -266,6 +281,8 @@ class Dense:
             pad = (0, 0, 0, self.min_rows - m)
             return acc.copy_(self.accumulate_(F.pad(acc, pad), F.pad(x, pad))[:m])
         if self.precision != "int8":
+            if self.emulated:
+                return acc.copy_(self._mm(x, acc))
             return acc.addmm_(x, self.weight)
         y, s = self.product(x)
         return acc.addcmul_(y, s)

@@ -75,22 +75,32 @@ def planning_flops(cfg, pcfg) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- timing
 def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5) -> float:
-    """Measured GFLOP/s (GOP/s for int8) of a ``[rows, dim] @ [dim, dim]`` product."""
+    """Measured GFLOP/s (GOP/s for int8) of a ``[rows, dim] @ [dim, dim]`` product, computed
+    as the planner computes it (natively, or through float32 BLAS where this CPU has no
+    native int8 / bf16 products: :mod:`tdmpc_opt.products`)."""
+    from tdmpc_opt.fast_model import Dense
+
     g = torch.Generator().manual_seed(0)
+    dense = Dense(torch.randn(dim, dim, generator=g), torch.zeros(dim), precision)
+    x = torch.randn(rows, dim, generator=g)
     if precision == "int8":
         x = torch.randint(-127, 128, (rows, dim), dtype=torch.int8, generator=g)
-        w = torch.randint(-127, 128, (dim, dim), dtype=torch.int8, generator=g).t()
 
         def f():
-            return torch._int_mm(x, w)
+            return dense.int32_products(x, torch.ones(rows, 1))
     else:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        x, w = torch.randn(rows, dim, generator=g).to(dtype), torch.randn(dim, dim).to(dtype)
-        b = torch.zeros(dim, dtype=dtype)
+        x = x.to(torch.bfloat16 if precision == "bf16" else torch.float32)
 
         def f():
-            return torch.addmm(b, x, w)
+            return dense(x)
     return 2 * rows * dim * dim / _best_time(f, seconds) / 1e9
+
+
+def product_backend(precision: str) -> str:
+    """How this machine computes ``precision`` products: ``native`` or ``float32 BLAS``."""
+    from tdmpc_opt import products
+
+    return "native" if products.native(precision) else "float32 BLAS"
 
 
 def _best_time(fn, seconds: float, min_calls: int = 3) -> float:
@@ -237,7 +247,8 @@ def bench_rows(agent, batches: list[int], precisions: list[str], seconds: float,
                 "gflop_per_step": flops["executed"] / 1e9,
                 "tdmpc2_gflop_per_step": flops["tdmpc2"] / 1e9,
                 "achieved_gflops": b * flops["executed"] / per_call / 1e9,
-                "peak_gflops": peaks[base], "floor_ms": 1e3 * floor,
+                "peak_gflops": peaks[base], "products": product_backend(base),
+                "floor_ms": 1e3 * floor,
                 "x_floor": per_call / floor,
                 "speedup_vs_literal": None if literal_s is None else literal_s * b / per_call,
                 "compile_s": t.get("compile_s"), "agreement": agree, "loadavg": _loadavg()})
@@ -257,6 +268,11 @@ def print_rows(rows: list[dict], literal_s: float | None) -> None:
               f"{r['env_steps_per_s']:>8.1f} {r['gflop_per_step']:>6.2f} "
               f"{r['achieved_gflops']:>8.1f} {r['peak_gflops']:>6.0f} {r['x_floor']:>7.2f} "
               f"{lit:>10}")
+    for prec in dict.fromkeys(r["precision"].split("+")[0] for r in rows):
+        backend = product_backend(prec)
+        if backend != "native":
+            print(f"{prec} products: {backend} (this CPU has no native {prec} matrix "
+                  "products; same int32 results for int8)")
     for r in rows:
         if r["agreement"] and r["batch"] == rows[0]["batch"]:
             a = r["agreement"]

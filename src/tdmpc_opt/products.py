@@ -1,0 +1,109 @@
+"""Reduced-precision matrix products, and whether this machine computes them natively.
+
+PyTorch multiplies int8 (``torch._int_mm``) and bfloat16 matrices on a CPU with oneDNN only
+where the processor has instructions for them (VNNI or AMX for int8, AVX512-BF16 or AMX for
+bfloat16). Elsewhere -- every AVX2-only x86 CPU, e.g. AMD Zen 3 and most laptops -- it falls
+back to a reference loop: measured on a 2-core Zen 3 at 2-4 GFLOP/s against 112-148 for
+float32 (benchmarks/README.md), which would make the "fast" int8 and bf16 planners some 40
+times slower than float32. On such a machine this module computes the same products through
+float32 BLAS instead:
+
+* int8: the int8 operands as float32. Every partial sum of ``K`` products of values in
+  ``[-128, 127]`` is an integer of magnitude at most ``K * 2^14``, exact in float32 while it
+  stays below ``2^24``, so the int32 results are *identical* to ``torch._int_mm``'s whatever
+  the summation order; longer sums are split into chunks of :data:`EXACT_K` and added in int32.
+* bfloat16: float32 products of the bfloat16-rounded operands, accumulated in float32 and
+  rounded to bfloat16 once, as oneDNN computes them (the summation order may differ, so a
+  result can differ in its last bfloat16 bit).
+
+:func:`native` decides once per process and precision by timing the native product against
+float32 on a small shape (the two cases differ by a factor of 30-100, so the decision does
+not depend on noise); ``TDMPC_OPT_PRODUCTS=native`` or ``=float`` forces either path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+EXACT_K = 1024
+"""Longest int8 sum computed in one float32 product: ``1024 * 128^2 = 2^24``."""
+_ENV = "TDMPC_OPT_PRODUCTS"
+_CHOICES = ("native", "float")
+
+
+def native(precision: str, device: torch.device | str = "cpu") -> bool:
+    """Whether ``int8`` / ``bf16`` products run on PyTorch's own kernels here (always for
+    ``fp32`` and on a GPU); False: :func:`int_mm` and :class:`~tdmpc_opt.fast_model.Dense`
+    compute them through float32 BLAS."""
+    forced = os.environ.get(_ENV, "")
+    if forced and forced not in _CHOICES:
+        raise ValueError(f"{_ENV} must be one of {_CHOICES}, got {forced!r}")
+    if precision == "fp32" or torch.device(device).type != "cpu" or forced == "native":
+        return True
+    if forced == "float":
+        return False
+    return _native_is_fast(precision)
+
+
+@functools.cache
+def _native_is_fast(precision: str) -> bool:
+    """Time the native ``precision`` product against float32 on ``[128, 256] @ [256, 256]``.
+
+    Native kernels run 2-4x faster than float32, reference loops 30-100x slower; the native
+    path is kept unless it is more than 3x slower than float32.
+    """
+    g = torch.Generator().manual_seed(0)
+    xf, wf = torch.randn(128, 256, generator=g), torch.randn(256, 256, generator=g)
+    if precision == "int8":
+        xi = torch.randint(-127, 128, (128, 256), dtype=torch.int8, generator=g)
+        wi = torch.randint(-127, 128, (256, 256), dtype=torch.int8, generator=g)
+
+        def low():
+            return torch._int_mm(xi, wi)
+    elif precision == "bf16":
+        xb, wb = xf.bfloat16(), wf.bfloat16()
+
+        def low():
+            return xb @ wb
+    else:
+        raise ValueError(f"no native-product check for precision {precision!r}")
+    return _fastest(low) < 3 * _fastest(lambda: xf @ wf)
+
+
+def _fastest(fn, calls: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def int_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """The float32 copy of an int8 weight ``[K, N]`` that :func:`int_mm` multiplies with where
+    int8 products are not native (None where they are: no copy kept)."""
+    if native("int8", w.device):
+        return None
+    return w.to(torch.float32).contiguous()
+
+
+def int_mm(x: torch.Tensor, w: torch.Tensor, w_float: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """``x [M, K] int8 @ w [K, N] int8`` -> ``[M, N]`` int32, exactly ``torch._int_mm``'s
+    result. ``w_float``: :func:`int_weight` of ``w`` (None: ``torch._int_mm``)."""
+    if w_float is None:
+        return torch._int_mm(x, w)
+    k = x.shape[1]
+    xf = x.to(torch.float32)
+    if k <= EXACT_K:
+        return torch.mm(xf, w_float).to(torch.int32)
+    out = None
+    for s in range(0, k, EXACT_K):
+        part = torch.mm(xf[:, s:s + EXACT_K], w_float[s:s + EXACT_K]).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
