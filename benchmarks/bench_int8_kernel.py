@@ -8,9 +8,12 @@ with 15-bit codes into the dynamics' and Q output products, which PyTorch ops ca
 the output products of ``WIDE_DEFAULT``, and reference-row codes (the default). Variants
 are timed interleaved (one call of each in turn) so that drift of a shared machine hits them
 alike; prints the median, quartile and minimum milliseconds per plan and the first action.
+With ``--fp32``, the float32 planner instead, its LayerNorm + Mish by PyTorch ops (or inductor)
+or by ``cpu_kernels.ln_mish_f32``, eager and ``+compile``.
 
     python benchmarks/bench_int8_kernel.py --threads 2 --calls 100
     python benchmarks/bench_int8_kernel.py --threads 2 --calls 100 --codes
+    python benchmarks/bench_int8_kernel.py --threads 2 --calls 40 --fp32
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ VARIANTS = (("int8", False, WIDE_DEFAULT, False), ("int8", True, WIDE_DEFAULT, F
             ("int8+compile", False, WIDE_DEFAULT, False),
             ("int8+compile", True, WIDE_DEFAULT, False))
 """(precision, fused kernel, networks with 15-bit output codes, reference-row codes)."""
+FP32_VARIANTS = (("fp32", False, WIDE_DEFAULT, False), ("fp32", True, WIDE_DEFAULT, False),
+                 ("fp32+compile", False, WIDE_DEFAULT, False),
+                 ("fp32+compile", True, WIDE_DEFAULT, False))
 CODE_VARIANTS = (("int8+compile", True, frozenset(), False),
                  ("int8+compile", True, WIDE_DEFAULT, False),
                  ("int8+compile", True, frozenset(), True))
@@ -49,6 +55,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--codes", action="store_true",
                    help="compare activation codes: 8-bit, 15-bit outputs, reference rows")
+    p.add_argument("--fp32", action="store_true",
+                   help="the float32 planner with and without its LayerNorm + Mish kernel")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
@@ -57,7 +65,8 @@ def main() -> int:
     agent = load_agent(args.checkpoint)
     _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, args.batch)
     views = []
-    for precision, fused, wide, ref in CODE_VARIANTS if args.codes else VARIANTS:
+    variants = FP32_VARIANTS if args.fp32 else CODE_VARIANTS if args.codes else VARIANTS
+    for precision, fused, wide, ref in variants:
         fm = FastWorldModel(agent.model, precision, fused, wide, ref)
         start = time.perf_counter()
         action, _ = plan(fm, agent.planner, z, task, prev, t0, True, noise, gamma)

@@ -153,8 +153,8 @@ def test_fused_plan_is_batch_invariant_and_refuses_other_precisions(tiny_cfg, re
         a1, m1 = plan(fm, pcfg, z[i:i + 1], task[i:i + 1], prev[i:i + 1], t0[i:i + 1], True,
                       noise[i:i + 1], gamma[i:i + 1])
         assert torch.equal(a1[0], act[i]) and torch.equal(m1[0], mean[i])
-    with pytest.raises(ValueError, match="int8 on a CPU"):
-        FastWorldModel(model, "fp32", True)
+    with pytest.raises(ValueError, match="int8 or fp32 on a CPU"):
+        FastWorldModel(model, "bf16", True)
 
 
 @needs_kernel
@@ -278,3 +278,50 @@ def test_reference_codes_predict_closer_to_float32(tiny_cfg):
         assert (got_ref - w).abs().mean() < (got_plain - w).abs().mean()
     with pytest.raises(ValueError, match="fused"):
         FastWorldModel(model, "int8", False, ref_codes=True)
+
+
+# ------------------------------------------------------------------- float32 LayerNorm+Mish
+@needs_kernel
+@pytest.mark.parametrize("m,n", [(488, 384), (5, 20), (33, 101)])
+def test_f32_layer_equals_pytorch_ops_and_is_row_wise(m, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(m, n + 3, generator=g)[:, :n] * 4  # rows contiguous, row stride n + 3
+    w, b = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    got = cpu_kernels.ln_mish_f32(x, w, b)
+    want, _ = ln_mish(x.contiguous(), (w, b))
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    truth = F.mish(F.layer_norm(x.double(), (n,), w.double(), b.double()))
+    torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-5)
+    for i in (0, m - 1):  # a row's result never depends on the other rows
+        assert torch.equal(cpu_kernels.ln_mish_f32(x[i:i + 1], w, b)[0], got[i])
+    with pytest.raises(RuntimeError, match="ln_mish_f32"):
+        cpu_kernels.ln_mish_f32(x.double(), w, b)
+    with pytest.raises(RuntimeError, match="ln_mish_f32"):
+        cpu_kernels.ln_mish_f32(x[:, 1:], w, b)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_fp32_view_with_and_without_the_kernel(tiny_cfg):
+    """The float32 planner through the kernel predicts and plans what the PyTorch ops do."""
+    model = _model(tiny_cfg)
+    fused, plain = FastWorldModel(model, "fp32"), FastWorldModel(model, "fp32", False)
+    assert fused.fused_ln and not plain.fused_ln and not fused.fused_kernel
+    task = torch.tensor([0, 1, 2])
+    z = plain.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim), task))
+    z = z[:, None].expand(3, 40, -1).contiguous()
+    rows, mask, eps = plain.task_rows(task, 3), plain.mask(task), torch.randn(3, 40, 6)
+    a, a_fused = plain.policy(z, rows, eps, mask), fused.policy(z, rows, eps, mask)
+    torch.testing.assert_close(a_fused, a, atol=1e-5, rtol=0)
+    q, q_fused = plain.q_members(z, a, rows, [0, 1]), fused.q_members(z, a, rows, [0, 1])
+    torch.testing.assert_close(q_fused, q, atol=1e-5, rtol=1e-5)
+    pcfg = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=2)
+    noise = draw_noise(pcfg, tiny_cfg.action_dim, tiny_cfg.num_q, 3,
+                       [torch.Generator().manual_seed(i) for i in range(3)])
+    z0 = model.encode(torch.randn(3, tiny_cfg.obs_dim), task)
+    args = (pcfg, z0, task, torch.zeros(3, pcfg.horizon, tiny_cfg.action_dim),
+            torch.ones(3, dtype=torch.bool), True, noise, torch.full((3,), 0.99))
+    act, mean = plan(fused, *args)
+    act_ref, mean_ref = plan(plain, *args)
+    torch.testing.assert_close(act, act_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mean, mean_ref, atol=1e-5, rtol=0)

@@ -119,3 +119,13 @@ def test_bf16_training_warns_without_native_products(monkeypatch, caplog, tiny_c
     with caplog.at_level("WARNING", logger="tdmpc_opt.training"):
         TDMPC2Learner(model, TrainConfig(bf16=True))
     assert caplog.text == ""
+
+
+def test_bench_names_the_product_backend(monkeypatch):
+    from tdmpc_opt.cli.bench import matmul_peak, product_backend
+
+    monkeypatch.setenv("TDMPC_OPT_PRODUCTS", "float")
+    assert product_backend("int8") == "float32 BLAS" and product_backend("fp32") == "native"
+    assert matmul_peak("int8", 64, rows=64, seconds=0) > 0
+    monkeypatch.setenv("TDMPC_OPT_PRODUCTS", "native")
+    assert product_backend("int8") == "native"

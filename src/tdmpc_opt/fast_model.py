@@ -17,7 +17,9 @@ re-arranges the weights once instead of re-doing work per call:
 * Mish is computed exactly through one exponential (:func:`mish_`), in place;
 * int8 on a CPU: each layer's pre-activation sum, LayerNorm, Mish and quantisation for the
   next product run as one hand-fused kernel (:mod:`tdmpc_opt.cpu_kernels`, one pass per row)
-  wherever it builds; otherwise (or with ``fused_kernel=False``) as PyTorch ops;
+  wherever it builds; otherwise (or with ``fused_kernel=False``) as PyTorch ops; fp32 on a
+  CPU likewise runs each LayerNorm + Mish as one kernel (:func:`cpu_kernels.ln_mish_f32`, its
+  ``exp`` within ~1e-7 of the exact one, so values move by float32 rounding only);
 * latents are kept with their SimNorm groups interleaved (feature ``j*G + g`` is element ``j``
   of group ``g``), so SimNorm is a softmax over a middle dimension, which PyTorch vectorises,
   instead of over a last dimension of 8, which it does not. The weights that read or write
@@ -311,18 +313,20 @@ class FastWorldModel:
         self._compiled: dict[str, object] = {}
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.device = next(model.parameters()).device
-        if fused_kernel is None:  # int8 on a CPU: the fused kernel wherever it builds
-            fused_kernel = precision == "int8" and self.device.type == "cpu" \
-                and cpu_kernels.available()
-        if fused_kernel and (precision != "int8" or self.device.type != "cpu"
-                             or not cpu_kernels.available()):
-            raise ValueError("the fused kernel is for int8 on a CPU where it builds "
-                             f"({cpu_kernels.unavailable_reason() or 'it does'})")
-        self.fused_kernel = fused_kernel
+        fusable = precision in ("int8", "fp32") and self.device.type == "cpu"
+        if fused_kernel is None:  # int8 or fp32 on a CPU: the fused kernels wherever they build
+            fused_kernel = fusable and cpu_kernels.available()
+        if fused_kernel and not (fusable and cpu_kernels.available()):
+            raise ValueError("the fused kernels are for int8 or fp32 on a CPU where they build "
+                             f"({cpu_kernels.unavailable_reason() or 'they do'})")
+        self.fused_kernel = fused_kernel and precision == "int8"
         """Every LayerNorm + Mish layer through :func:`cpu_kernels.ln_mish_int8` (int8, CPU)."""
+        self.fused_ln = fused_kernel and precision == "fp32"
+        """Every LayerNorm + Mish layer through :func:`cpu_kernels.ln_mish_f32` (fp32, CPU):
+        one pass per row instead of PyTorch's or inductor's several."""
         if ref_codes is None:  # the default wherever the fused kernel runs
-            ref_codes = fused_kernel
-        if ref_codes and not fused_kernel:
+            ref_codes = self.fused_kernel
+        if ref_codes and not self.fused_kernel:
             raise ValueError("ref_codes needs the fused int8 CPU kernel")
         self.ref_codes = ref_codes
         """int8 with the fused kernel (its default there): every product's rows coded as
@@ -484,6 +488,13 @@ class FastWorldModel:
         kernel :meth:`_parts` (then ``h`` is int8; reference-mode codes if ``groups``)."""
         if self.fused_kernel:
             return cpu_kernels.ln_mish_int8(*x, *norm, ref_groups=groups)
+        return self._ln_mish(x, norm)
+
+    def _ln_mish(self, x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        """:func:`ln_mish` of ``x [M, D]`` (through :func:`cpu_kernels.ln_mish_f32` with
+        :attr:`fused_ln`)."""
+        if self.fused_ln:
+            return cpu_kernels.ln_mish_f32(x, *norm), None
         return ln_mish(x, norm, self.precision == "int8")
 
     def _layer(self, layer: tuple[Dense, tuple[torch.Tensor, torch.Tensor]], h: tuple,
@@ -497,7 +508,7 @@ class FastWorldModel:
             acc, row_scale = dense.int32_products(*h)
             return cpu_kernels.ln_mish_int8(dense.bias[None], acc, dense.scale, row_scale, None,
                                             None, *norm, wide=wide, ref_groups=groups)
-        out = ln_mish(dense(*h), norm, self.precision == "int8")
+        out = self._ln_mish(dense(*h), norm)
         return quantize_rows_wide(*out) if wide else out
 
     def _out(self, dense: Dense, h: tuple, net: str, groups: int = 0) -> torch.Tensor:

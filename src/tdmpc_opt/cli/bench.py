@@ -271,8 +271,9 @@ def print_rows(rows: list[dict], literal_s: float | None) -> None:
     for prec in dict.fromkeys(r["precision"].split("+")[0] for r in rows):
         backend = product_backend(prec)
         if backend != "native":
+            same = "the same int32 results" if prec == "int8" else "products of the bf16 values"
             print(f"{prec} products: {backend} (this CPU has no native {prec} matrix "
-                  "products; same int32 results for int8)")
+                  f"products; {same})")
     for r in rows:
         if r["agreement"] and r["batch"] == rows[0]["batch"]:
             a = r["agreement"]

@@ -295,6 +295,46 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
   return {q, top};
 }
 
+// float32 LayerNorm + Mish of x [M, N] (rows contiguous, any row stride) -> new [M, N]: one
+// parallel region, LayerNorm's two passes and the Mish pass per row, the same exp as above.
+at::Tensor ln_mish_f32(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                       double eps) {
+  const int64_t n = w.numel();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == n &&
+                  x.stride(1) == 1 && w.scalar_type() == at::kFloat &&
+                  b.scalar_type() == at::kFloat && b.numel() == n,
+              "ln_mish_f32: x must be float32 [M, N] with rows contiguous, w and b float32 [N]");
+  at::Tensor wc = w.contiguous(), bc = b.contiguous();
+  auto out = at::empty({x.size(0), n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  const float* bp = bc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ld = x.stride(0), V = Vec::size();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = xp + i * ld;
+      float* o = op + i * n;
+      Vec s(0.f);
+      int64_t j = 0;
+      for (; j + V <= n; j += V) s = s + Vec::loadu(row + j);
+      float sum = sum_lanes(s);
+      for (; j < n; ++j) sum += row[j];
+      const float mean = sum / n, rstd = row_rstd(row, n, mean, e);
+      const Vec m(mean), r(rstd), two(2.f);
+      for (j = 0; j + V <= n; j += V) {
+        Vec y = (Vec::loadu(row + j) - m) * r * Vec::loadu(wp + j) + Vec::loadu(bp + j);
+        Vec ex = mish_exp(y);
+        Vec nn = (ex + two) * ex;
+        (y * nn / (nn + two)).store(o + j);
+      }
+      for (; j < n; ++j) o[j] = mish((row[j] - mean) * rstd * wp[j] + bp[j]);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // The op's name carries a version that changes with its schema: inductor caches compiled
@@ -303,6 +343,10 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
   m.def("ln_mish_int8_v3(Tensor base, Tensor? acc, Tensor? col_scale, Tensor? row_scale, "
         "Tensor? a, Tensor? wa, Tensor w, Tensor b, float eps, bool wide=False, "
         "int ref_groups=0) -> (Tensor, Tensor)");
+  m.def("ln_mish_f32_v1(Tensor x, Tensor w, Tensor b, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) { m.impl("ln_mish_int8_v3", &ln_mish_int8); }
+TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) { 
+  m.impl("ln_mish_int8_v3", &ln_mish_int8);
+  m.impl("ln_mish_f32_v1", &ln_mish_f32);
+}
