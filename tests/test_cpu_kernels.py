@@ -115,6 +115,20 @@ def _model(cfg):
     return WorldModel(cfg).eval()
 
 
+def _assert_views_predict_alike(model, plain, fused, tol: float):
+    """Policy samples and Q values of two views of ``model`` for three tasks' latents agree
+    within ``tol``; returns the latents ``[3, 40, L]`` and actions ``[3, 40, 6]`` used."""
+    task = torch.tensor([0, 1, 2])
+    z = plain.to_internal(model.encode(torch.randn(3, model.cfg.obs_dim), task))
+    z = z[:, None].expand(3, 40, -1).contiguous()
+    rows, mask, eps = plain.task_rows(task, 3), plain.mask(task), torch.randn(3, 40, 6)
+    a, a_fused = plain.policy(z, rows, eps, mask), fused.policy(z, rows, eps, mask)
+    torch.testing.assert_close(a_fused, a, atol=tol, rtol=0)
+    q, q_fused = plain.q_members(z, a, rows, [0, 1]), fused.q_members(z, a, rows, [0, 1])
+    torch.testing.assert_close(q_fused, q, atol=tol, rtol=tol)
+    return z, a
+
+
 @torch.no_grad()
 def test_planner_predictions_with_and_without_kernel(tiny_cfg):
     """The kernel computes what the PyTorch ops do, for the codes both run (15-bit outputs)."""
@@ -122,14 +136,7 @@ def test_planner_predictions_with_and_without_kernel(tiny_cfg):
     fused = FastWorldModel(model, "int8", True, ref_codes=False)
     plain = FastWorldModel(model, "int8", False)
     assert fused.fused_kernel and not plain.fused_kernel
-    task = torch.tensor([0, 1, 2])
-    z = plain.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim), task))
-    z = z[:, None].expand(3, 40, -1).contiguous()
-    rows, mask, eps = plain.task_rows(task, 3), plain.mask(task), torch.randn(3, 40, 6)
-    a, a_fused = plain.policy(z, rows, eps, mask), fused.policy(z, rows, eps, mask)
-    torch.testing.assert_close(a_fused, a, atol=1e-3, rtol=0)
-    q, q_fused = plain.q_members(z, a, rows, [0, 1]), fused.q_members(z, a, rows, [0, 1])
-    torch.testing.assert_close(q_fused, q, atol=1e-3, rtol=1e-3)
+    z, a = _assert_views_predict_alike(model, plain, fused, 1e-3)
     pre = fused.first_layers(a[:, :5].contiguous(), torch.randn(2, 3, fused.dyn1["task"].shape[1]),
                              z[:, :5].reshape(15, -1))
     nxt, rew = fused.dyn_rew(pre)
@@ -307,14 +314,8 @@ def test_fp32_view_with_and_without_the_kernel(tiny_cfg):
     model = _model(tiny_cfg)
     fused, plain = FastWorldModel(model, "fp32"), FastWorldModel(model, "fp32", False)
     assert fused.fused_ln and not plain.fused_ln and not fused.fused_kernel
+    _assert_views_predict_alike(model, plain, fused, 1e-5)
     task = torch.tensor([0, 1, 2])
-    z = plain.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim), task))
-    z = z[:, None].expand(3, 40, -1).contiguous()
-    rows, mask, eps = plain.task_rows(task, 3), plain.mask(task), torch.randn(3, 40, 6)
-    a, a_fused = plain.policy(z, rows, eps, mask), fused.policy(z, rows, eps, mask)
-    torch.testing.assert_close(a_fused, a, atol=1e-5, rtol=0)
-    q, q_fused = plain.q_members(z, a, rows, [0, 1]), fused.q_members(z, a, rows, [0, 1])
-    torch.testing.assert_close(q_fused, q, atol=1e-5, rtol=1e-5)
     pcfg = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=2)
     noise = draw_noise(pcfg, tiny_cfg.action_dim, tiny_cfg.num_q, 3,
                        [torch.Generator().manual_seed(i) for i in range(3)])
