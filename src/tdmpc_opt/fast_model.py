@@ -179,6 +179,9 @@ class Dense:
     identical int32 results; bf16 rounded the same way up to summation order).
     """
 
+    emulated: bool
+    """Products through float32 BLAS (:mod:`tdmpc_opt.products`)."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str):
         self.precision = precision
         w = weight.detach().float()
@@ -195,14 +198,14 @@ class Dense:
                 .to(torch.int8).t()
             self.weight_float = products.int_weight(self.weight)
             """float32 copy of the int8 weight where int8 products are not native, else None."""
+            self.emulated = self.weight_float is not None
             dtype = torch.float32
         else:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             self.scale, self.weight = None, w.t().contiguous().to(dtype)
-        self.emulated = not products.native(precision, w.device)
-        """Products through float32 BLAS (:mod:`tdmpc_opt.products`)."""
-        if self.emulated and precision == "bf16":  # bf16 values, float32 products
-            self.weight = self.weight.float()
+            self.emulated = not products.native(precision, w.device)
+            if self.emulated:  # bf16 values, float32 products
+                self.weight = self.weight.float()
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
 
     def product(self, x: torch.Tensor, row_scale: torch.Tensor | None = None

@@ -82,14 +82,13 @@ def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5
 
     g = torch.Generator().manual_seed(0)
     dense = Dense(torch.randn(dim, dim, generator=g), torch.zeros(dim), precision)
-    x = torch.randn(rows, dim, generator=g)
     if precision == "int8":
         x = torch.randint(-127, 128, (rows, dim), dtype=torch.int8, generator=g)
 
         def f():
             return dense.int32_products(x, torch.ones(rows, 1))
     else:
-        x = x.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        x = torch.randn(rows, dim, generator=g).to(dense.bias.dtype)
 
         def f():
             return dense(x)
@@ -268,8 +267,8 @@ def print_rows(rows: list[dict], literal_s: float | None) -> None:
               f"{r['env_steps_per_s']:>8.1f} {r['gflop_per_step']:>6.2f} "
               f"{r['achieved_gflops']:>8.1f} {r['peak_gflops']:>6.0f} {r['x_floor']:>7.2f} "
               f"{lit:>10}")
-    for prec in dict.fromkeys(r["precision"].split("+")[0] for r in rows):
-        backend = product_backend(prec)
+    backends = {r["precision"].split("+")[0]: r["products"] for r in rows}
+    for prec, backend in backends.items():
         if backend != "native":
             same = "the same int32 results" if prec == "int8" else "products of the bf16 values"
             print(f"{prec} products: {backend} (this CPU has no native {prec} matrix "

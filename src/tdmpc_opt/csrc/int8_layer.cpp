@@ -53,6 +53,12 @@ inline Vec mish_exp(Vec y) {
 #endif
 }
 
+// mish(y) = y n / (n + 2), n = e (e + 2), e = mish_exp(y), for a vector of y.
+inline Vec mish_vec(Vec y) {
+  const Vec two(2.f), e = mish_exp(y), nn = (e + two) * e;
+  return y * nn / (nn + two);
+}
+
 float mish(float y) {
   const float e = std::exp(std::min(y, 20.f)), n = (e + 2.f) * e;
   return y * n / (n + 2.f);
@@ -160,16 +166,13 @@ float ln_mish_row(const float* w, const float* b, int64_t n, float sum, float ep
                   const float* ref) {
   const int64_t V = Vec::size();
   const float mean = sum / n;
-  const Vec m(mean), two(2.f);
+  const Vec m(mean);
   const float rstd = row_rstd(buf, n, mean, eps);
   const Vec r(rstd);
   Vec mx(0.f);
   int64_t j = 0;
   for (; j + V <= n; j += V) {
-    Vec y = (Vec::loadu(buf + j) - m) * r * Vec::loadu(w + j) + Vec::loadu(b + j);
-    Vec e = mish_exp(y);
-    Vec nn = (e + two) * e;
-    Vec h = y * nn / (nn + two);
+    Vec h = mish_vec((Vec::loadu(buf + j) - m) * r * Vec::loadu(w + j) + Vec::loadu(b + j));
     h.store(buf + j);
     mx = at::vec::maximum(mx, (ref ? h - Vec::loadu(ref + j) : h).abs());
   }
@@ -322,13 +325,10 @@ at::Tensor ln_mish_f32(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       float sum = sum_lanes(s);
       for (; j < n; ++j) sum += row[j];
       const float mean = sum / n, rstd = row_rstd(row, n, mean, e);
-      const Vec m(mean), r(rstd), two(2.f);
-      for (j = 0; j + V <= n; j += V) {
-        Vec y = (Vec::loadu(row + j) - m) * r * Vec::loadu(wp + j) + Vec::loadu(bp + j);
-        Vec ex = mish_exp(y);
-        Vec nn = (ex + two) * ex;
-        (y * nn / (nn + two)).store(o + j);
-      }
+      const Vec m(mean), r(rstd);
+      for (j = 0; j + V <= n; j += V)
+        mish_vec((Vec::loadu(row + j) - m) * r * Vec::loadu(wp + j) + Vec::loadu(bp + j))
+            .store(o + j);
       for (; j < n; ++j) o[j] = mish((row[j] - mean) * rstd * wp[j] + bp[j]);
     }
   });
@@ -346,7 +346,7 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
   m.def("ln_mish_f32_v1(Tensor x, Tensor w, Tensor b, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) { 
+TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
   m.impl("ln_mish_int8_v3", &ln_mish_int8);
   m.impl("ln_mish_f32_v1", &ln_mish_f32);
 }
