@@ -308,6 +308,46 @@ def test_f32_layer_equals_pytorch_ops_and_is_row_wise(m, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("parts", ["x+base", "x+base+a", "base+a", "a"])
+def test_f32_layer_sums_its_parts(parts):
+    """Bias per group of rows and action inputs added in the kernel's pass, as the PyTorch
+    ops would add them first."""
+    m, n, envs, na = 48, 40, 3, 5
+    g = torch.Generator().manual_seed(len(parts))
+    x = torch.randn(m, 2 * n, generator=g)[:, n:] * 3  # columns of a wider product
+    base = torch.randn(envs, n + 8, generator=g)  # [G, >=N], as padded biases are
+    a, wa = torch.randn(m, na, generator=g), torch.randn(na, n + 8, generator=g)
+    w, b = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    use = set(parts.split("+"))
+    pre = torch.zeros(m, n)
+    if "x" in use:
+        pre += x
+    if "base" in use:
+        pre += base[:, :n].repeat_interleave(m // envs, 0)
+    if "a" in use:
+        pre += a @ wa[:, :n]
+    got = cpu_kernels.ln_mish_f32(x if "x" in use else None, w, b,
+                                  base=base if "base" in use else None,
+                                  a=a if "a" in use else None, wa=wa if "a" in use else None)
+    want, _ = ln_mish(pre, (w, b))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_f32_layer_refuses_bad_parts():
+    x, w, b = torch.randn(6, 8), torch.ones(8), torch.zeros(8)
+    bad = [dict(x=None), dict(base=torch.zeros(4, 8)),            # no x or a; 4 does not divide 6
+           dict(base=torch.zeros(2, 7)), dict(a=torch.zeros(6, 2)),  # base too narrow; no wa
+           dict(a=torch.zeros(5, 2), wa=torch.zeros(2, 8)),          # a's rows differ from x's
+           dict(a=torch.zeros(6, 2), wa=torch.zeros(3, 8)),          # wa's rows differ from A
+           dict(a=torch.zeros(6), wa=torch.zeros(1, 8))]             # a not 2-D
+    for kw in bad:
+        args = {"x": x, **kw}
+        with pytest.raises(RuntimeError, match="ln_mish_f32"):
+            cpu_kernels.ln_mish_f32(args.pop("x"), w, b, **args)
+
+
+@needs_kernel
 @torch.no_grad()
 def test_fp32_view_with_and_without_the_kernel(tiny_cfg):
     """The float32 planner through the kernel predicts and plans what the PyTorch ops do."""

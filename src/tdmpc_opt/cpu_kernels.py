@@ -10,9 +10,10 @@ C++ compiler and ``ninja``; the build takes ~30 s once and is cached in
 ``TORCH_EXTENSIONS_DIR``). Where it cannot be built, :func:`available` is False with a reason
 and the planner falls back to the PyTorch ops (``tdmpc_opt.fast_model.ln_mish``).
 
-``ln_mish_f32`` is the float32 planner's counterpart: LayerNorm + Mish of a float32 layer
-output in one pass per row (the products stay BLAS's), 2.5x faster than inductor's fused loops
-for a ``[488, 384]`` layer on an AVX2 CPU (benchmarks/README.md).
+``ln_mish_f32`` is the float32 planner's counterpart: a float32 layer's bias (a first layer's
+task bias and action inputs), LayerNorm and Mish in one pass per row after a bias-free BLAS
+product, 2.5x faster than inductor's fused loops for a ``[488, 384]`` layer on an AVX2 CPU
+(benchmarks/README.md).
 
 Numerics: the same formulas as the PyTorch path, with a faster ``exp`` (relative error ~1e-7:
 ``at::vec``'s ``exp_u20`` polynomial with ``scalef``, 11 vector ops on AVX-512); the int8
@@ -122,9 +123,9 @@ def _register_fake() -> None:
                     w.new_empty((m + ref_groups, 1)))
         return w.new_empty((2 * m if wide else m, n), dtype=torch.int8), w.new_empty((m, 1))
 
-    @torch.library.register_fake("tdmpc_opt_cpu::ln_mish_f32_v1")
-    def _(x, w, b, eps):
-        return x.new_empty((x.shape[0], w.shape[0]))
+    @torch.library.register_fake("tdmpc_opt_cpu::ln_mish_f32_v2")
+    def _(x, base, a, wa, w, b, eps):
+        return w.new_empty(((x if x is not None else a).shape[0], w.shape[0]))
 
 
 def available() -> bool:
@@ -144,11 +145,21 @@ def unavailable_reason() -> str | None:
     return _state["error"]  # type: ignore[return-value]
 
 
-def ln_mish_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
-                ) -> torch.Tensor:
-    """float32 ``mish(layer_norm(x) * weight + bias)`` of ``x [M, N]`` (rows contiguous) ->
-    new ``[M, N]``, one pass per row (the float32 planner's layers; ``exp`` to ~1e-7)."""
-    return torch.ops.tdmpc_opt_cpu.ln_mish_f32_v1(x, weight, bias, eps)
+def ln_mish_f32(x: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                eps: float = 1e-5, base: torch.Tensor | None = None, a: torch.Tensor | None = None,
+                wa: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 ``mish(layer_norm(pre) * weight + bias)`` -> new ``[M, N]``, one pass per row
+    (the float32 planner's layers; ``exp`` to ~1e-7). ``weight``, ``bias``: LayerNorm affine
+    ``[N]``.
+
+    Pre-activation of row ``i``: ``x[i] + base[i // (M / G)] + a[i] @ wa``, where ``x [M, N]``
+    (rows contiguous, any row stride, e.g. columns of a wider product) is a product without its
+    bias, ``base [G, >=N]`` a bias per group of consecutive rows (the layer's bias, ``G = 1``,
+    or a first layer's task bias per environment) and ``a [M, A]``, ``wa [A, >=N]`` a first
+    layer's action inputs and weights; the parts other than ``x`` or ``a`` may be None. So a
+    layer's bias and action inputs are added in the same pass instead of three.
+    """
+    return torch.ops.tdmpc_opt_cpu.ln_mish_f32_v2(x, base, a, wa, weight, bias, eps)
 
 
 def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.Tensor | None,

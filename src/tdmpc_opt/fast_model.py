@@ -18,8 +18,9 @@ re-arranges the weights once instead of re-doing work per call:
 * int8 on a CPU: each layer's pre-activation sum, LayerNorm, Mish and quantisation for the
   next product run as one hand-fused kernel (:mod:`tdmpc_opt.cpu_kernels`, one pass per row)
   wherever it builds; otherwise (or with ``fused_kernel=False``) as PyTorch ops; fp32 on a
-  CPU likewise runs each LayerNorm + Mish as one kernel (:func:`cpu_kernels.ln_mish_f32`, its
-  ``exp`` within ~1e-7 of the exact one, so values move by float32 rounding only);
+  CPU likewise runs each layer's bias (a first layer's task bias and action inputs) and
+  LayerNorm + Mish as one kernel after a bias-free product (:func:`cpu_kernels.ln_mish_f32`,
+  its ``exp`` within ~1e-7 of the exact one, so values move by float32 rounding only);
 * latents are kept with their SimNorm groups interleaved (feature ``j*G + g`` is element ``j``
   of group ``g``), so SimNorm is a softmax over a middle dimension, which PyTorch vectorises,
   instead of over a last dimension of 8, which it does not. The weights that read or write
@@ -214,6 +215,9 @@ class Dense:
         where ``y`` carries the weight scales and the caller applies the row scales (given,
         or from the rows' absolute maxima)."""
         if self.precision != "int8":
+            m = x.shape[0]
+            if m < self.min_rows:  # the same kernel as for many rows, on zero-padded rows
+                return self.product(F.pad(x, (0, 0, 0, self.min_rows - m)))[0][:m], None
             return self._mm(x)[:, :self.out_dim], None
         y, row_scale = self.int32_products(x, row_scale)
         return y[:, :self.out_dim].to(torch.float32).mul_(self.scale[:self.out_dim]), row_scale
@@ -446,6 +450,9 @@ class FastWorldModel:
             zq = None if z is None else self._codes(z, b)
             return tuple(self._parts(first, bias_j, zq, a)
                          for first, bias_j in zip((self.dyn1, self.rew1), bias, strict=True))
+        if self.fused_ln:
+            return tuple(self._parts_f32(first, bias_j, z, a)
+                         for first, bias_j in zip((self.dyn1, self.rew1), bias, strict=True))
         out = []
         for first, bias_j in zip((self.dyn1, self.rew1), bias, strict=True):
             pre = first["a"](a)
@@ -477,6 +484,15 @@ class FastWorldModel:
         wa = None if a is None else first["a"].weight
         return (base, acc, None if zq is None else first["z"].scale, row_scale, a, wa)
 
+    @staticmethod
+    def _parts_f32(first: dict, base: torch.Tensor, z: torch.Tensor | None,
+                   a: torch.Tensor | None) -> tuple:
+        """A first layer's pre-activation as :func:`cpu_kernels.ln_mish_f32` sums it:
+        ``(z @ W_z [M, D] or None, base [B, D] task bias per environment, a [M, A] or None,
+        W_a)``; :meth:`_ln_mish` takes it."""
+        x = None if z is None else first["z"].product(z)[0]
+        return x, base, a, None if a is None else first["a"].weight
+
     def _groups(self, envs: int) -> int:
         """Reference groups of a call on ``envs`` environments (0: plain per-row codes)."""
         return envs if self.ref_codes else 0
@@ -488,16 +504,20 @@ class FastWorldModel:
     def _act(self, x, norm: tuple[torch.Tensor, torch.Tensor], groups: int = 0) -> tuple:
         """LayerNorm + Mish of a first layer's pre-activations as the next product's input:
         ``(h [M, D], None)``, int8 ``(h, row scales)``. ``x``: ``[M, D]``, or with the fused
-        kernel :meth:`_parts` (then ``h`` is int8; reference-mode codes if ``groups``)."""
+        kernel :meth:`_parts` (then ``h`` is int8; reference-mode codes if ``groups``), or with
+        :attr:`fused_ln` :meth:`_parts_f32`."""
         if self.fused_kernel:
             return cpu_kernels.ln_mish_int8(*x, *norm, ref_groups=groups)
         return self._ln_mish(x, norm)
 
-    def _ln_mish(self, x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> tuple:
-        """:func:`ln_mish` of ``x [M, D]`` (through :func:`cpu_kernels.ln_mish_f32` with
-        :attr:`fused_ln`)."""
+    def _ln_mish(self, x: torch.Tensor | tuple, norm: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple:
+        """:func:`ln_mish` of ``x [M, D]``; with :attr:`fused_ln` through
+        :func:`cpu_kernels.ln_mish_f32`, where ``x`` may also be a pre-activation's parts
+        (:meth:`_parts_f32`) that the kernel sums."""
         if self.fused_ln:
-            return cpu_kernels.ln_mish_f32(x, *norm), None
+            x, base, a, wa = x if isinstance(x, tuple) else (x, None, None, None)
+            return cpu_kernels.ln_mish_f32(x, *norm, base=base, a=a, wa=wa), None
         return ln_mish(x, norm, self.precision == "int8")
 
     def _layer(self, layer: tuple[Dense, tuple[torch.Tensor, torch.Tensor]], h: tuple,
@@ -511,6 +531,8 @@ class FastWorldModel:
             acc, row_scale = dense.int32_products(*h)
             return cpu_kernels.ln_mish_int8(dense.bias[None], acc, dense.scale, row_scale, None,
                                             None, *norm, wide=wide, ref_groups=groups)
+        if self.fused_ln:  # the bias added by the kernel
+            return self._ln_mish((dense.product(h[0])[0], dense.bias[None], None, None), norm)
         out = self._ln_mish(dense(*h), norm)
         return quantize_rows_wide(*out) if wide else out
 
@@ -543,6 +565,8 @@ class FastWorldModel:
         if self.fused_kernel:
             h = self._parts(first, first["task"][task_rows], self._codes(z.reshape(b * r, -1), b),
                             None)
+        elif self.fused_ln:
+            h = self._parts_f32(first, first["task"][task_rows], z.reshape(b * r, -1), None)
         else:
             h = first["z"](z.reshape(b * r, -1))
             h.view(b, r, -1).add_(first["task"][task_rows].to(self.dtype)[:, None])
@@ -569,6 +593,8 @@ class FastWorldModel:
             first = self.q1[m]
             if self.fused_kernel:
                 pre = self._parts(first, first["task"][task_rows], zq, af)
+            elif self.fused_ln:
+                pre = self._parts_f32(first, first["task"][task_rows], zf, af)
             else:
                 acc = first["a"](af).view(b, r, -1)
                 acc = acc.add_(first["task"][task_rows][:, None]).view(b * r, -1).to(self.dtype)

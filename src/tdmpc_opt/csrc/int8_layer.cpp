@@ -34,24 +34,33 @@ float max_lanes(Vec v) {
 
 // exp(min(y, 20)) for Mish, inputs below -80 taken as -80 (Mish is 0 there to float
 // precision): exp(y) = 2^k exp(r), k = round(y / ln 2), r = y - k ln 2 in [-ln2/2, ln2/2],
-// exp(r) by exp_u20's degree-5 polynomial and 2^k by scalef: 11 vector ops where
-// min + exp_u20 take ~20, same accuracy (relative error ~1e-7). Other ISAs: exp_u20.
-inline Vec mish_exp(Vec y) {
+// exp(r) by exp_u20's degree-5 polynomial and 2^k by scalef (AVX-512) or by writing k into
+// the exponent bits (AVX2; k is in [-116, 29], so k + 127 is a normal float's exponent):
+// 11-13 vector ops where min + exp take ~20-30, same accuracy (relative error ~1e-7).
+// Other ISAs: exp_u20.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+inline Vec times_pow2(Vec p, Vec k) {  // p * 2^k for integral k
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = _mm512_max_ps(_mm512_min_ps(y, _mm512_set1_ps(20.f)), _mm512_set1_ps(-80.f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693147182f), x);
-  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, k);
 #else
-  return at::vec::minimum(y, Vec(20.f)).exp_u20();
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 #endif
 }
+
+inline Vec mish_exp(Vec y) {
+  const Vec x = at::vec::clamp(y, Vec(-80.f), Vec(20.f));
+  const Vec k = (x * Vec(1.44269504f)).round();
+  const Vec r = at::vec::fmadd(k, Vec(-0.693147182f), x);
+  Vec p = at::vec::fmadd(r, Vec(0.00828929059f), Vec(0.0418978221f));
+  for (const float c : {0.166676521f, 0.499991506f, 0.999999701f, 1.f})
+    p = at::vec::fmadd(r, p, Vec(c));
+  return times_pow2(p, k);
+}
+#else
+inline Vec mish_exp(Vec y) { return at::vec::minimum(y, Vec(20.f)).exp_u20(); }
+#endif
 
 // mish(y) = y n / (n + 2), n = e (e + 2), e = mish_exp(y), for a vector of y.
 inline Vec mish_vec(Vec y) {
@@ -207,11 +216,11 @@ void code_row(const float* h, const float* ref, int64_t n, float maxabs, int8_t*
 }
 
 const float* float_ptr(const std::optional<at::Tensor>& t, at::Tensor& keep, int64_t min_numel,
-                       const char* name) {
+                       const char* name, const char* op = "ln_mish_int8") {
   if (!t) return nullptr;
   keep = t->contiguous();
   TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.numel() >= min_numel,
-              "ln_mish_int8: ", name, " must be float32 with at least ", min_numel, " values");
+              op, ": ", name, " must be float32 with at least ", min_numel, " values");
   return keep.data_ptr<float>();
 }
 
@@ -298,36 +307,72 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
   return {q, top};
 }
 
-// float32 LayerNorm + Mish of x [M, N] (rows contiguous, any row stride) -> new [M, N]: one
-// parallel region, LayerNorm's two passes and the Mish pass per row, the same exp as above.
-at::Tensor ln_mish_f32(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                       double eps) {
+// float32 LayerNorm + Mish of one layer's pre-activation -> new [M, N], one parallel region,
+// LayerNorm's two passes and the Mish pass per row, the same exp as above. Pre-activation of
+// row i: x[i] (a product without its bias: [M, N], rows contiguous, any row stride) +
+// base[i / (M / G)] (the bias, or a first layer's task bias per environment: [G, >=N]) +
+// a[i] @ wa (a first layer's action inputs [M, A] and weights [A, >=N]); each part optional,
+// x or a required. Only x: read in place; otherwise the row is summed into the output first.
+at::Tensor ln_mish_f32(const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& base,
+                       const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& wa,
+                       const at::Tensor& w, const at::Tensor& b, double eps) {
   const int64_t n = w.numel();
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == n &&
-                  x.stride(1) == 1 && w.scalar_type() == at::kFloat &&
-                  b.scalar_type() == at::kFloat && b.numel() == n,
-              "ln_mish_f32: x must be float32 [M, N] with rows contiguous, w and b float32 [N]");
-  at::Tensor wc = w.contiguous(), bc = b.contiguous();
-  auto out = at::empty({x.size(0), n}, x.options());
-  const float* xp = x.data_ptr<float>();
+  TORCH_CHECK(x || (a && a->dim() == 2), "ln_mish_f32: needs x or a [M, A]");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && b.numel() == n,
+              "ln_mish_f32: w and b must be float32 [N]");
+  TORCH_CHECK(!x || (x->scalar_type() == at::kFloat && x->dim() == 2 && x->size(1) == n &&
+                     x->stride(1) == 1),
+              "ln_mish_f32: x must be float32 [M, N] with rows contiguous");
+  at::Tensor wc = w.contiguous(), bc = b.contiguous(), basec, ac, wac;
+  const int64_t m = x ? x->size(0) : a->size(0);
+  TORCH_CHECK(!a || (a->dim() == 2 && a->size(0) == m && wa && wa->dim() == 2 &&
+                     wa->size(0) == a->size(1) && wa->size(1) >= n),
+              "ln_mish_f32: a must be [M, A] with wa [A, >=N]");
+  const float* ap = float_ptr(a, ac, 0, "a", "ln_mish_f32");
+  const float* wap = a ? float_ptr(wa, wac, 0, "wa", "ln_mish_f32") : nullptr;
+  const int64_t na = a ? ac.size(1) : 0;
+  const float* bsp = float_ptr(base, basec, 0, "base", "ln_mish_f32");
+  TORCH_CHECK(!base || (basec.dim() == 2 && basec.size(1) >= n && basec.size(0) > 0 &&
+                        m % basec.size(0) == 0),
+              "ln_mish_f32: base must be [G, >=N] with G dividing M");
+  const int64_t ldw = a ? wac.stride(0) : 0, ldb = base ? basec.stride(0) : 0,
+                per = base ? m / basec.size(0) : 1;
+  auto out = at::empty({m, n}, w.options());
+  const float* xp = x ? x->data_ptr<float>() : nullptr;
   const float* wp = wc.data_ptr<float>();
   const float* bp = bc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ld = x.stride(0), V = Vec::size();
+  const int64_t ld = x ? x->stride(0) : 0, V = Vec::size();
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+  const bool in_place = !base && !a;  // read x's rows where they are
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* row = xp + i * ld;
       float* o = op + i * n;
+      const float* brow = bsp ? bsp + (i / per) * ldb : nullptr;
+      const float* arow = ap ? ap + i * na : nullptr;
+      const float* row = in_place ? xp + i * ld : o;
       Vec s(0.f);
       int64_t j = 0;
-      for (; j + V <= n; j += V) s = s + Vec::loadu(row + j);
+      for (; j + V <= n; j += V) {
+        Vec v = xp ? Vec::loadu(xp + i * ld + j) : Vec(0.f);
+        if (brow) v = v + Vec::loadu(brow + j);
+        for (int64_t k = 0; k < na; ++k)
+          v = at::vec::fmadd(Vec(arow[k]), Vec::loadu(wap + k * ldw + j), v);
+        if (!in_place) v.store(o + j);
+        s = s + v;
+      }
       float sum = sum_lanes(s);
-      for (; j < n; ++j) sum += row[j];
+      for (; j < n; ++j) {
+        float v = xp ? xp[i * ld + j] : 0.f;
+        if (brow) v += brow[j];
+        for (int64_t k = 0; k < na; ++k) v = std::fma(arow[k], wap[k * ldw + j], v);
+        if (!in_place) o[j] = v;
+        sum += v;
+      }
       const float mean = sum / n, rstd = row_rstd(row, n, mean, e);
-      const Vec m(mean), r(rstd);
+      const Vec mv(mean), r(rstd);
       for (j = 0; j + V <= n; j += V)
-        mish_vec((Vec::loadu(row + j) - m) * r * Vec::loadu(wp + j) + Vec::loadu(bp + j))
+        mish_vec((Vec::loadu(row + j) - mv) * r * Vec::loadu(wp + j) + Vec::loadu(bp + j))
             .store(o + j);
       for (; j < n; ++j) o[j] = mish((row[j] - mean) * rstd * wp[j] + bp[j]);
     }
@@ -343,10 +388,11 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
   m.def("ln_mish_int8_v3(Tensor base, Tensor? acc, Tensor? col_scale, Tensor? row_scale, "
         "Tensor? a, Tensor? wa, Tensor w, Tensor b, float eps, bool wide=False, "
         "int ref_groups=0) -> (Tensor, Tensor)");
-  m.def("ln_mish_f32_v1(Tensor x, Tensor w, Tensor b, float eps) -> Tensor");
+  m.def("ln_mish_f32_v2(Tensor? x, Tensor? base, Tensor? a, Tensor? wa, Tensor w, Tensor b, "
+        "float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
   m.impl("ln_mish_int8_v3", &ln_mish_int8);
-  m.impl("ln_mish_f32_v1", &ln_mish_f32);
+  m.impl("ln_mish_f32_v2", &ln_mish_f32);
 }
