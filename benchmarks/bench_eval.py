@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tdmpc_opt.allocator import keep_freed_memory
 from tdmpc_opt.cli.bench import machine
 from tdmpc_opt.evaluation import episode_specs, run_episodes
 from tdmpc_opt.quantization import load_fast_agent
@@ -45,6 +46,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runtime", default="fp32", help="planner precision: fp32, bf16, int8")
     args = p.parse_args()
+    keep_freed_memory()  # as the command line does (tdmpc_opt.allocator)
     warnings.filterwarnings("ignore", module="glfw")  # no display: dm_control warns at import
     torch.set_num_threads(args.threads)
     agent = load_fast_agent(args.checkpoint, runtime=args.runtime)

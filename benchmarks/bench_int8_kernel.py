@@ -29,6 +29,7 @@ import torch
 
 from tdmpc_opt import cpu_kernels
 from tdmpc_opt.agent import load_agent
+from tdmpc_opt.allocator import keep_freed_memory
 from tdmpc_opt.cli.bench import _plan_inputs
 from tdmpc_opt.fast_model import WIDE_DEFAULT, FastWorldModel
 from tdmpc_opt.planner import plan
@@ -58,6 +59,7 @@ def main() -> int:
     p.add_argument("--fp32", action="store_true",
                    help="the float32 planner with and without its LayerNorm + Mish kernel")
     args = p.parse_args()
+    keep_freed_memory()  # as the command line does (tdmpc_opt.allocator)
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
         print(f"fused kernel unavailable: {cpu_kernels.unavailable_reason()}", file=sys.stderr)

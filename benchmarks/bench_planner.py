@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tdmpc_opt.agent import load_agent
+from tdmpc_opt.allocator import keep_freed_memory
 from tdmpc_opt.cli.bench import bench_rows, machine, time_literal
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / \
@@ -55,6 +56,7 @@ def main() -> int:
     p.add_argument("--agreement", type=int, default=16)
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    keep_freed_memory()  # as the command line does (tdmpc_opt.allocator)
     torch.set_num_threads(args.threads)
     agent = load_agent(args.checkpoint)
     info = machine()

@@ -222,6 +222,9 @@ def run_chunk(path: str, job: _Job, index: int, specs: list[EpisodeSpec]) -> lis
     """Run one chunk in a worker process (torch threads set to ``job.threads``)."""
     import torch
 
+    from tdmpc_opt.allocator import keep_freed_memory
+
+    keep_freed_memory()
     if torch.get_num_threads() != job.threads:
         torch.set_num_threads(job.threads)
     agent = cached_agent(path, job.planner, job.device)

@@ -3,7 +3,8 @@
 Each command lives in its own module of this package and defines ``NAME``, ``HELP`` and
 ``add_arguments(parser)`` plus ``run(args) -> int``. Commands are discovered automatically, so
 adding one is adding a file. Every :class:`~tdmpc_opt.errors.TdmpcError` is printed as one line
-``error: ...`` with exit code 2; Ctrl-C exits with 130 and a short note.
+``error: ...`` with exit code 2; Ctrl-C exits with 130 and a short note. Every command runs
+with :func:`~tdmpc_opt.allocator.keep_freed_memory`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from tdmpc_opt.allocator import keep_freed_memory
+
+    keep_freed_memory()  # planning reuses its freed activations (tdmpc_opt.allocator)
     try:
         return int(args._run(args) or 0)
     except TdmpcError as e:

@@ -206,6 +206,8 @@ def agreement(agent, precision: str, states: int) -> dict[str, float]:
 # -------------------------------------------------------------------------------- run
 def machine() -> dict:
     """Where the figures come from."""
+    from tdmpc_opt.allocator import keep_freed_memory
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -214,7 +216,8 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            "loadavg": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "keep_freed_memory": keep_freed_memory()}
 
 
 def _loadavg() -> float | None:
