@@ -257,6 +257,9 @@ def test_bench_cli_smoke(tiny_cfg, tmp_path, capsys):
     assert [(r["batch"], r["precision"]) for r in rows] == \
         [(1, "fp32"), (2, "fp32"), (1, "int8"), (2, "int8")]
     assert all(r["env_steps_per_s"] > 0 and r["peak_gflops"] > 0 for r in rows)
+    # a precision's rows are read against one peak, the highest it measured
+    assert rows[0]["peak_gflops"] == rows[1]["peak_gflops"]
+    assert all(r["x_floor"] == pytest.approx(r["ms_per_call"] / r["floor_ms"]) for r in rows)
     assert rows[0]["products"] == "native"
     assert rows[2]["products"] in ("native", "float32 BLAS")
     assert rows[2]["agreement"]["action_max"] >= 0 and "vs literal" in capsys.readouterr().out
