@@ -4,8 +4,8 @@ A planning step allocates and frees hundreds of activations of a few hundred KB 
 glibc's ``malloc`` hands such blocks back to the operating system when they are freed (above
 its mmap threshold, or by trimming the top of the heap), so the next allocation of the same
 size gets fresh pages that the kernel must fault in and zero one 4 KB page at a time: ~5,000
-page faults per batch-1 float32 plan of the 1M model, ~130,000 per batch-16 plan, 8-15% of
-the planning time on a 2-core CPU (benchmarks/README.md). :func:`keep_freed_memory` tells
+page faults per batch-1 float32 plan of the 1M model, ~115,000 per batch-16 plan, 11-12% of
+the planning time on a 2-core CPU (benchmarks/README.md, 2026-12-03). :func:`keep_freed_memory` tells
 glibc to keep freed blocks for reuse instead: blocks below 32 MiB come from the heap, and the
 heap is trimmed only when 512 MiB lie free at its top. The process's resident memory then
 stays near its peak instead of shrinking between steps.
