@@ -5,10 +5,10 @@ glibc's ``malloc`` hands such blocks back to the operating system when they are 
 its mmap threshold, or by trimming the top of the heap), so the next allocation of the same
 size gets fresh pages that the kernel must fault in and zero one 4 KB page at a time: ~5,000
 page faults per batch-1 float32 plan of the 1M model, ~115,000 per batch-16 plan, 11-12% of
-the planning time on a 2-core CPU (benchmarks/README.md, 2026-12-03). :func:`keep_freed_memory` tells
-glibc to keep freed blocks for reuse instead: blocks below 32 MiB come from the heap, and the
-heap is trimmed only when 512 MiB lie free at its top. The process's resident memory then
-stays near its peak instead of shrinking between steps.
+the planning time on a 2-core CPU (benchmarks/README.md, 2026-12-03).
+:func:`keep_freed_memory` tells glibc to keep freed blocks for reuse instead: blocks below
+32 MiB come from the heap, and the heap is trimmed only when 512 MiB lie free at its top. The
+process's resident memory then stays near its peak instead of shrinking between steps.
 
 The command line calls it at start (and rollout workers do), so ``tdmpc-opt eval``, ``bench``
 and ``pipeline`` run with it; ``TDMPC_OPT_MALLOC=default`` keeps glibc's own behaviour. Other C
@@ -32,25 +32,32 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 512 << 20
 """The heap's top is handed back to the system only when this many bytes lie free there."""
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-_done: list[bool] = []
+_kept: bool | None = None
+"""Whether :func:`keep_freed_memory` put the setting in effect (None: not called yet)."""
 
 
 def keep_freed_memory() -> bool:
     """Make glibc's ``malloc`` keep freed blocks for reuse (see the module doc); once per
     process. Returns whether the setting is in effect (False: opted out, or not glibc)."""
-    if _done:
-        return _done[0]
-    ok = False
-    if os.environ.get(ENV, "").lower() != "default":
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
-                bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-        except (OSError, AttributeError):  # not glibc
-            ok = False
-        if ok:
+    global _kept
+    if _kept is None:
+        _kept = os.environ.get(ENV, "").lower() != "default" and _set_thresholds()
+        if _kept:
             os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
             os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(TRIM_THRESHOLD))
-        log.debug("keep freed memory: %s", ok)
-    _done.append(ok)
-    return ok
+        log.debug("keep freed memory: %s", _kept)
+    return _kept
+
+
+def in_effect() -> bool:
+    """Whether this process keeps freed memory (:func:`keep_freed_memory` called and took)."""
+    return bool(_kept)
+
+
+def _set_thresholds() -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
+            bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc
+        return False

@@ -207,7 +207,7 @@ def agreement(agent, precision: str, states: int) -> dict[str, float]:
 # -------------------------------------------------------------------------------- run
 def machine() -> dict:
     """Where the figures come from."""
-    from tdmpc_opt.allocator import keep_freed_memory
+    from tdmpc_opt import allocator
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -218,7 +218,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "loadavg": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "keep_freed_memory": keep_freed_memory()}
+            "keep_freed_memory": allocator.in_effect()}
 
 
 def _loadavg() -> float | None:
