@@ -24,6 +24,16 @@ SHARED = Path(os.environ.get("TDMPC_OPT_SHARED", Path(__file__).resolve().parent
 TINY_TASKS = ("walker-walk", "cartpole-balance", "pendulum-swingup")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (selected with ``-m gpu``) skip, with the reason, without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none visible to this PyTorch)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def shared_path(*parts: str) -> Path:
     """A file under ../shared, or skip the test with the reason (a user's fresh clone)."""
     path = SHARED.joinpath(*parts)

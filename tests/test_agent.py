@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tdmpc_opt import load_agent
-from tdmpc_opt.agent import Agent
+from tdmpc_opt.agent import Agent, resolve_device
 from tdmpc_opt.config import PlannerConfig
-from tdmpc_opt.errors import InputError, TaskError
+from tdmpc_opt.errors import ConfigError, InputError, TaskError
 from tdmpc_opt.planner import draw_noise, plan
 from tdmpc_opt.world_model import WorldModel
 
@@ -60,6 +60,18 @@ def test_bad_inputs(tiny_cfg, tiny_planner):
         agent.act(torch.full((24,), float("nan")), task=0)
     with pytest.raises(TaskError, match="needs a task"):
         agent.act(torch.randn(24))
+
+
+def test_devices_are_checked_against_this_machine(tiny_single_cfg):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad, message in [("gpu9", "unknown device 'gpu9'"), ("mps", "runs on cpu or cuda"),
+                         ("cuda:99", "CUDA" if torch.cuda.is_available() else "use cpu")]:
+        with pytest.raises(ConfigError, match=message):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="use cpu"):
+            Agent(WorldModel(tiny_single_cfg), PlannerConfig(), device="cuda")
 
 
 def test_load_agent_on_published_checkpoint(fp16_ckpt):

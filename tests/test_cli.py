@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import shared_path
 from tdmpc_opt.cli import main
@@ -87,6 +88,10 @@ def _bad_inputs(tmp_path, ckpt):
         ([*pred, str(tmp_path / "none.json")], "no such input file"),
         (["convert", str(ckpt), str(tmp_path / "x.bin")], "must end in .safetensors or .pt"),
         (["info"], "the following arguments are required"),
+        (["eval", "--checkpoint", str(ckpt), "--tasks", "cartpole-balance", "--device", "gpu9"],
+         "unknown device 'gpu9'"),
+        *([] if torch.cuda.is_available() else [
+            (["bench", "planner", "--checkpoint", str(ckpt), "--device", "cuda"], "use cpu")]),
     ]
 
 

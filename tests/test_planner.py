@@ -33,16 +33,18 @@ def _model(cfg) -> WorldModel:
 
 @torch.no_grad()
 def _inputs(model: WorldModel, pcfg: PlannerConfig, tasks: list, t0: list[bool], seed: int = 0):
-    cfg, b = model.cfg, len(tasks)
+    """Planner inputs on the model's device (drawn on the CPU, so the same on any device)."""
+    cfg, b, dev = model.cfg, len(tasks), next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    obs = torch.randn(b, cfg.obs_dim, generator=g)
-    task = None if tasks[0] is None else torch.tensor(tasks)
+    obs = torch.randn(b, cfg.obs_dim, generator=g).to(dev)
+    task = None if tasks[0] is None else torch.tensor(tasks, device=dev)
     z = torch.cat([model.encode(obs[i:i + 1], None if task is None else task[i:i + 1])
                    for i in range(b)])
     gens = [torch.Generator().manual_seed(seed * 100 + i) for i in range(b)]
-    noise = draw_noise(pcfg, cfg.action_dim, cfg.num_q, b, gens)
-    prev = torch.rand(b, pcfg.horizon, cfg.action_dim, generator=g) * 2 - 1
-    return obs, z, task, prev, torch.tensor(t0), noise, torch.full((b,), 0.97)
+    noise = draw_noise(pcfg, cfg.action_dim, cfg.num_q, b, gens).to(dev)
+    prev = (torch.rand(b, pcfg.horizon, cfg.action_dim, generator=g) * 2 - 1).to(dev)
+    return (obs, z, task, prev, torch.tensor(t0, device=dev), noise,
+            torch.full((b,), 0.97, device=dev))
 
 
 def _assert_equals_literal(model, pcfg, tasks, t0, eval_mode, mean_atol=1e-5, seed=0):
@@ -167,6 +169,15 @@ def test_graph_planner_cpu_fallback_equals_plan(tiny_single_cfg):
     torch.testing.assert_close(act, want, atol=1e-6, rtol=0)
     torch.testing.assert_close(mean, want_mean, atol=1e-6, rtol=0)
     assert graphs.graphs == {}  # nothing captured without a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_fast_equals_literal_on_gpu(tiny_cfg, tiny_single_cfg, eval_mode):
+    _assert_equals_literal(_model(tiny_cfg).cuda(), SMALL, [0, 1, 2], [False, True, False],
+                           eval_mode)
+    _assert_equals_literal(_model(tiny_single_cfg).cuda(), SMALL, [None] * 3,
+                           [True, False, False], eval_mode)
 
 
 @pytest.mark.gpu

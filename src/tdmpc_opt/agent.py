@@ -23,10 +23,26 @@ from tdmpc_opt.world_model import WorldModel
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks CUDA when available, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are
+    checked against this machine (:class:`ConfigError` for anything else or unavailable)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or auto") \
+            from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None \
+                else "no CUDA device is visible"
+            raise ConfigError(f"device {str(device)!r}: {why}; use cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {str(device)!r}: tdmpc-opt runs on cpu or cuda")
+    return dev
 
 
 class Agent:

@@ -99,12 +99,12 @@ def plan_literal(model: WorldModel, cfg: PlannerConfig, obs: torch.Tensor,
     Returns:
         ``(action [A], mean [H, A])``.
     """
-    h, n, p = cfg.horizon, cfg.num_samples, cfg.num_pi_trajs
-    t = None if task is None else torch.tensor([task])
+    h, n, p, dev = cfg.horizon, cfg.num_samples, cfg.num_pi_trajs, obs.device
+    t = None if task is None else torch.tensor([task], device=dev)
     mask = model.action_mask(t)
     z0 = model.encode(obs.unsqueeze(0), t)
     # 1. trajectories from the policy prior
-    pi_actions = torch.empty(h, p, model.cfg.action_dim)
+    pi_actions = torch.empty(h, p, model.cfg.action_dim, device=dev)
     z = z0.repeat(p, 1)
     for k in range(h):
         pi_actions[k] = model.pi(z, t, noise.pi_traj[k]).action
@@ -112,11 +112,11 @@ def plan_literal(model: WorldModel, cfg: PlannerConfig, obs: torch.Tensor,
             z = model.next(z, pi_actions[k], t)
     # 2. MPPI iterations
     z = z0.repeat(n, 1)
-    mean = torch.zeros(h, model.cfg.action_dim)
-    std = torch.full((h, model.cfg.action_dim), cfg.max_std)
+    mean = torch.zeros(h, model.cfg.action_dim, device=dev)
+    std = torch.full((h, model.cfg.action_dim), cfg.max_std, device=dev)
     if not t0:
         mean[:-1] = prev_mean[1:]
-    actions = torch.empty(h, n, model.cfg.action_dim)
+    actions = torch.empty(h, n, model.cfg.action_dim, device=dev)
     actions[:, :p] = pi_actions
     for it in range(cfg.iterations):
         sampled = (mean.unsqueeze(1) + std.unsqueeze(1) * noise.sample[it]).clamp(-1, 1)
@@ -124,7 +124,7 @@ def plan_literal(model: WorldModel, cfg: PlannerConfig, obs: torch.Tensor,
         if mask is not None:
             actions = actions * mask
         # value of each sequence: discounted model rewards + bootstrap Q at the horizon
-        g, disc, zz = torch.zeros(n, 1), 1.0, z
+        g, disc, zz = torch.zeros(n, 1, device=dev), 1.0, z
         for k in range(h):
             reward = model.decode(model.reward(zz, actions[k], t))
             zz = model.next(zz, actions[k], t)

@@ -9,11 +9,16 @@ speed-up over the literal one-environment planner, also timed in this process. R
 precisions are compared with float32 on the same random numbers (action and prediction
 agreement); the score check of a precision needs an evaluation (``tdmpc-opt eval``).
 
+With ``--device cuda`` every plan replays from CUDA graphs (:class:`~tdmpc_opt.planner.
+GraphPlanner`), every timing waits for the device, and the peak is the GPU's for the same
+product; ``+compile`` is for CPUs and refused there.
+
 Examples:
   tdmpc-opt bench planner --checkpoint ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt
   tdmpc-opt bench planner --checkpoint CKPT --batch 1,16,64 --precision fp32,bf16,int8 \\
       --threads 2 --json planner.json
   tdmpc-opt bench planner --checkpoint CKPT --precision int8+compile --seconds 10
+  tdmpc-opt bench planner --checkpoint CKPT --device cuda --batch 1,300
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ def add_arguments(p):
     q.add_argument("--precision", default="fp32,bf16,int8",
                    help="comma-separated: fp32, bf16, int8, each optionally +compile")
     q.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    q.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda (plans replayed from CUDA graphs)")
     q.add_argument("--seconds", type=nonnegative_float, default=3.0,
                    help="timing budget per row (at least 3 timed calls)")
     q.add_argument("--literal-calls", type=int, default=2,
@@ -75,32 +82,45 @@ def planning_flops(cfg, pcfg) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- timing
-def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5) -> float:
-    """Measured GFLOP/s (GOP/s for int8) of a ``[rows, dim] @ [dim, dim]`` product, computed
-    as the planner computes it (natively, or through float32 BLAS where this CPU has no
-    native int8 / bf16 products: :mod:`tdmpc_opt.products`)."""
+def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5,
+                device: str | torch.device = "cpu") -> float:
+    """Measured GFLOP/s (GOP/s for int8) of a ``[rows, dim] @ [dim, dim]`` product on
+    ``device``, computed as the planner computes it (natively, or through float32 BLAS where
+    this CPU has no native int8 / bf16 products: :mod:`tdmpc_opt.products`)."""
     from tdmpc_opt.fast_model import Dense
 
     g = torch.Generator().manual_seed(0)
-    dense = Dense(torch.randn(dim, dim, generator=g), torch.zeros(dim), precision)
+    dense = Dense(torch.randn(dim, dim, generator=g).to(device), torch.zeros(dim, device=device),
+                  precision)
+    sync = synchronizer(device)
     if precision == "int8":
-        x = torch.randint(-127, 128, (rows, dim), dtype=torch.int8, generator=g)
+        x = torch.randint(-127, 128, (rows, dim), dtype=torch.int8, generator=g).to(device)
+        ones = torch.ones(rows, 1, device=device)
 
         def f():
-            return dense.int32_products(x, torch.ones(rows, 1))
+            dense.int32_products(x, ones)
+            sync()
     else:
-        x = torch.randn(rows, dim, generator=g).to(dense.bias.dtype)
+        x = torch.randn(rows, dim, generator=g).to(device, dense.bias.dtype)
 
         def f():
-            return dense(x)
+            dense(x)
+            sync()
     return 2 * rows * dim * dim / _best_time(f, seconds) / 1e9
 
 
-def product_backend(precision: str) -> str:
-    """How this machine computes ``precision`` products: ``native`` or ``float32 BLAS``."""
+def synchronizer(device: str | torch.device):
+    """A function that waits for ``device``'s queued work (a no-op on a CPU), for timing."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def product_backend(precision: str, device: str | torch.device = "cpu") -> str:
+    """How ``device`` computes ``precision`` products: ``native`` or ``float32 BLAS``."""
     from tdmpc_opt import products
 
-    return "native" if products.native(precision) else "float32 BLAS"
+    return "native" if products.native(precision, device) else "float32 BLAS"
 
 
 def _best_time(fn, seconds: float, min_calls: int = 3) -> float:
@@ -132,27 +152,36 @@ def _plan_inputs(agent, batch: int, seed: int = 0):
     """Encoded random observations of the model's first tasks and matching planner inputs."""
     from tdmpc_opt.planner import draw_noise
 
-    cfg, pcfg = agent.cfg, agent.planner
+    cfg, pcfg, dev = agent.cfg, agent.planner, agent.device
     g = torch.Generator().manual_seed(seed)
-    task = torch.arange(batch) % cfg.num_tasks if cfg.multitask else None
-    obs = torch.randn(batch, cfg.obs_dim, generator=g)
+    task = torch.arange(batch, device=dev) % cfg.num_tasks if cfg.multitask else None
+    obs = torch.randn(batch, cfg.obs_dim, generator=g).to(dev)
     with torch.no_grad():
         z = agent.model.encode(obs, task)
     gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(batch)]
-    noise = draw_noise(pcfg, cfg.action_dim, cfg.num_q, batch, gens)
-    prev = torch.zeros(batch, pcfg.horizon, cfg.action_dim)
-    gamma = torch.full((batch,), 0.99)
-    return obs, z, task, prev, torch.ones(batch, dtype=torch.bool), noise, gamma
+    noise = draw_noise(pcfg, cfg.action_dim, cfg.num_q, batch, gens).to(dev)
+    prev = torch.zeros(batch, pcfg.horizon, cfg.action_dim, device=dev)
+    gamma = torch.full((batch,), 0.99, device=dev)
+    return obs, z, task, prev, torch.ones(batch, dtype=torch.bool, device=dev), noise, gamma
 
 
 def time_planner(agent, batch: int, precision: str, seconds: float) -> dict[str, float]:
-    """Seconds per :func:`~tdmpc_opt.planner.plan` call for ``batch`` environments."""
-    from tdmpc_opt.planner import plan
+    """Seconds per :func:`~tdmpc_opt.planner.plan` call for ``batch`` environments (on a GPU
+    through :class:`~tdmpc_opt.planner.GraphPlanner`, waiting for each call to finish)."""
+    from tdmpc_opt.planner import GraphPlanner, plan
 
     _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, batch)
+    sync = synchronizer(agent.device)
+    if agent.device.type == "cuda":
+        graphs = GraphPlanner(agent.model, agent.planner, precision)
 
-    def call():
-        plan(agent.model, agent.planner, z, task, prev, t0, True, noise, gamma, precision)
+        def call():
+            graphs(z, task, prev, t0, True, noise, gamma)
+            sync()
+        call()  # captures the graph
+    else:
+        def call():
+            plan(agent.model, agent.planner, z, task, prev, t0, True, noise, gamma, precision)
     if precision.endswith("+compile"):
         start = time.perf_counter()
         call()  # compiles
@@ -167,9 +196,11 @@ def time_literal(agent, calls: int) -> float:
 
     obs, _, task, prev, _, noise, _ = _plan_inputs(agent, 1)
     t = None if task is None else int(task[0])
+    sync = synchronizer(agent.device)
 
     def call():
         plan_literal(agent.model, agent.planner, obs[0], t, prev[0], True, True, noise[0], 0.99)
+        sync()
     return _timed(call, 0.0, min_calls=calls)["median_s"]
 
 
@@ -191,7 +222,8 @@ def agreement(agent, precision: str, states: int) -> dict[str, float]:
     alt, _ = plan(m, pc, z, task, prev, t0, True, other, gamma)
     exact, fast = fast_view(m), fast_view(m, precision)
     zi = exact.to_internal(z)[:, None].expand(-1, 64, -1).contiguous()
-    a = torch.rand(states, 64, agent.cfg.action_dim, generator=torch.Generator().manual_seed(3))
+    a = torch.rand(states, 64, agent.cfg.action_dim,
+                   generator=torch.Generator().manual_seed(3)).to(agent.device)
     rows = exact.task_rows(task, states)
     with torch.no_grad():
         q = exact.q_members(zi, a * 2 - 1, rows, [0, 1])
@@ -205,8 +237,8 @@ def agreement(agent, precision: str, states: int) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------- run
-def machine() -> dict:
-    """Where the figures come from."""
+def machine(device: str | torch.device = "cpu") -> dict:
+    """Where the figures come from (``gpu``: the CUDA device's name when ``device`` is one)."""
     from tdmpc_opt import allocator
 
     cpu = platform.processor() or platform.machine()
@@ -218,7 +250,9 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "loadavg": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "keep_freed_memory": allocator.in_effect()}
+            "keep_freed_memory": allocator.in_effect(),
+            "gpu": torch.cuda.get_device_name(device)
+            if torch.device(device).type == "cuda" else None}
 
 
 def _loadavg() -> float | None:
@@ -242,11 +276,12 @@ def bench_rows(agent, batches: list[int], precisions: list[str], seconds: float,
     for prec in precisions:
         base = prec.split("+")[0]
         if base not in peaks:
-            peaks[base] = matmul_peak(base, agent.cfg.mlp_dim)
+            peaks[base] = matmul_peak(base, agent.cfg.mlp_dim, device=agent.device)
         agree = agreement(agent, prec, states) if states and base != "fp32" else None
         for b in batches:
             t = time_planner(agent, b, prec, seconds)
-            peaks[base] = max(peaks[base], matmul_peak(base, agent.cfg.mlp_dim))
+            peaks[base] = max(peaks[base], matmul_peak(base, agent.cfg.mlp_dim,
+                                                       device=agent.device))
             per_call = t["median_s"]
             rows.append({
                 "batch": b, "precision": prec, "ms_per_call": 1e3 * per_call,
@@ -255,7 +290,7 @@ def bench_rows(agent, batches: list[int], precisions: list[str], seconds: float,
                 "gflop_per_step": flops["executed"] / 1e9,
                 "tdmpc2_gflop_per_step": flops["tdmpc2"] / 1e9,
                 "achieved_gflops": b * flops["executed"] / per_call / 1e9,
-                "products": product_backend(base),
+                "products": product_backend(base, agent.device),
                 "speedup_vs_literal": None if literal_s is None else literal_s * b / per_call,
                 "compile_s": t.get("compile_s"), "agreement": agree, "loadavg": _loadavg()})
     for r in rows:  # against the highest peak each precision reached
@@ -293,7 +328,7 @@ def print_rows(rows: list[dict], literal_s: float | None) -> None:
 
 
 def run(args) -> int:
-    from tdmpc_opt.agent import load_agent
+    from tdmpc_opt.agent import load_agent, resolve_device
     from tdmpc_opt.cli._common import write_json
     from tdmpc_opt.config import PlannerConfig, apply_overrides
     from tdmpc_opt.errors import ConfigError
@@ -308,12 +343,16 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     planner = apply_overrides(PlannerConfig(), args.overrides)
-    agent = load_agent(args.checkpoint, planner=planner)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and any(p.endswith("+compile") for p in precisions):
+        raise ConfigError("+compile is for CPUs; on cuda every plan replays from CUDA graphs")
+    agent = load_agent(args.checkpoint, device=device, planner=planner)
     literal_s = time_literal(agent, args.literal_calls) if args.literal_calls > 0 else None
     rows = bench_rows(agent, args.batch, precisions, args.seconds, literal_s, args.agreement)
-    info = machine()
-    print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
-          f"load average {info['loadavg']}")
+    info = machine(device)
+    where = f"{info['gpu']} (with {info['cpu']})" if info["gpu"] else \
+        f"{info['cpu']}, {info['threads']} threads"
+    print(f"{where}, torch {info['torch']}, load average {info['loadavg']}")
     print_rows(rows, literal_s)
     if args.json:
         write_json(args.json, {"machine": info, "checkpoint": str(args.checkpoint),
