@@ -80,5 +80,9 @@ def tiny_planner() -> PlannerConfig:
 
 @pytest.fixture(autouse=True)
 def _deterministic():
+    """Every test starts seeded and on one intra-op thread; commands under test that set their
+    own thread count (``--threads``, training's default of all cores) do not leak it into the
+    next test, whose float32 rounding would otherwise depend on the test order."""
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(1)

@@ -1,5 +1,6 @@
 """Loading published checkpoints: golden predictions, key layouts, dtypes, bad files."""
 
+import errno
 import json
 import re
 
@@ -8,13 +9,14 @@ import torch
 
 from conftest import shared_path
 from tdmpc_opt.checkpoints import (
+    atomic_write,
     load_world_model,
     migrate_official_keys,
     read_state_dict,
     save_checkpoint,
     save_official,
 )
-from tdmpc_opt.errors import CheckpointError
+from tdmpc_opt.errors import CheckpointError, OutputError
 from tdmpc_opt.world_model import WorldModel
 
 
@@ -223,3 +225,22 @@ def test_unknown_task_count_needs_a_task_list(tiny_cfg, tmp_path):
         load_world_model(tmp_path / "m.pt")
     back, _ = load_world_model(tmp_path / "m.pt", tasks=tiny_cfg.tasks)
     assert back.cfg.action_dims == tiny_cfg.action_dims
+
+
+def test_atomic_write_failures_are_output_errors_and_keep_the_old_file(tmp_path):
+    target = tmp_path / "result.json"
+    target.write_text("old")
+
+    def half_then_full_disk(tmp):
+        tmp.write_text("ne")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match="cannot write .*result.json: No space left") as err:
+        atomic_write(target, half_then_full_disk)
+    assert isinstance(err.value, OSError) and err.value.errno == errno.ENOSPC
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OutputError, match="folder: Is a directory"):
+        atomic_write(tmp_path / "folder", lambda tmp: tmp.write_text("x"))
+    with pytest.raises(OutputError, match="cannot write .*result.json/x"):  # a file as a folder
+        atomic_write(target / "x", lambda tmp: tmp.write_text("x"))

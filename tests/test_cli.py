@@ -90,6 +90,15 @@ def _bad_inputs(tmp_path, ckpt):
         (["info"], "the following arguments are required"),
         (["eval", "--checkpoint", str(ckpt), "--tasks", "cartpole-balance", "--device", "gpu9"],
          "unknown device 'gpu9'"),
+        # outputs refused before any work: a folder where a file goes, a file as a folder
+        (["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "task.json"),
+          "--output", str(tmp_path)], "is a folder; give a file name"),
+        (["convert", str(ckpt), str(tmp_path / "text.pt" / "m.safetensors")],
+         "text.pt is a file, not a folder"),
+        (["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "text.pt")],
+         "is a file; give a folder"),
+        (["eval", "--checkpoint", str(ckpt), "--tasks", "cartpole-balance", "--json",
+          str(tmp_path)], "is a folder; give a file name"),
         *([] if torch.cuda.is_available() else [
             (["bench", "planner", "--checkpoint", str(ckpt), "--device", "cuda"], "use cpu")]),
     ]

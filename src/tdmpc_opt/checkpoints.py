@@ -13,6 +13,7 @@ tensor bytes that is verified on load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tdmpc_opt.config import ModelConfig, config_from_dict, config_to_dict
-from tdmpc_opt.errors import CheckpointError, ConfigError, TdmpcError
+from tdmpc_opt.errors import CheckpointError, ConfigError, OutputError, TdmpcError
 from tdmpc_opt.tasks import TASKS, task_set_for_count
 
 FORMAT = "tdmpc-opt"
@@ -47,16 +48,23 @@ def file_sha256(path: str | Path) -> str:
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file.
 
-    The previous file at ``path`` survives any failure (full disk included).
+    The previous file at ``path`` survives any failure (full disk included). A failure to
+    write raises :class:`~tdmpc_opt.errors.OutputError` (an ``OSError`` too).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(e.errno, e.strerror or str(e), str(path)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

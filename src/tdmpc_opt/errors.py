@@ -28,3 +28,14 @@ class DataError(TdmpcError):
 
 class InputError(TdmpcError):
     """An input (observation, action, JSON document) has the wrong shape or type."""
+
+
+class OutputError(TdmpcError, OSError):
+    """An output file could not be written (a folder in its way, no permission, disk full).
+
+    Also an :class:`OSError` with the original ``errno`` and ``strerror``, so code that
+    handles write failures (a run keeping its last good checkpoint) still sees one.
+    """
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"

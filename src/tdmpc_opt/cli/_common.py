@@ -41,6 +41,34 @@ def int_list(text: str) -> list[int]:
     return [positive_int(t) for t in text.split(",") if t.strip()]
 
 
+def output_file(text: str) -> str:
+    """argparse type: a file this command will write; refused before any work if a folder
+    stands at that path or a file stands where one of its folders should be."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    _check_parents(path)
+    return text
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a folder this command will write into (created if missing); refused
+    before any work if a file stands at that path or where one of its parents should be."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder")
+    _check_parents(path)
+    return text
+
+
+def _check_parents(path: Path) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{path}: {parent} is a file, not a folder")
+            return
+
+
 def write_json(path: str | Path, data) -> None:
     """Write JSON atomically (indent 1)."""
     from tdmpc_opt.checkpoints import atomic_write

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from tdmpc_opt.cli._common import int_list, nonnegative_float, positive_int
+from tdmpc_opt.cli._common import int_list, nonnegative_float, output_file, positive_int
 
 NAME = "bench"
 HELP = "benchmark the planner (speed, FLOPs vs measured peak, speed-up, agreement)"
@@ -54,7 +54,7 @@ def add_arguments(p):
                    help="timed calls of the literal planner (0: skip the speed-up)")
     q.add_argument("--agreement", type=int, default=8,
                    help="states for the agreement check of reduced precisions (0: skip)")
-    q.add_argument("--json", default=None, help="also write the results here")
+    q.add_argument("--json", default=None, type=output_file, help="also write the results here")
     q.add_argument("overrides", nargs="*", metavar="key=value",
                    help="planner settings, e.g. num_samples=256 iterations=4")
 

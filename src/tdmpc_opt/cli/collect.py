@@ -28,12 +28,13 @@ HELP = "roll an agent out and write its episodes in the dataset format"
 
 
 def add_arguments(p):
-    from tdmpc_opt.cli._common import add_backend_arguments, noise_stds, positive_int
+    from tdmpc_opt.cli._common import add_backend_arguments, noise_stds, output_dir, positive_int
 
     p.add_argument("--checkpoint", required=True, help="model: .pt, .safetensors or run dir")
     p.add_argument("--tasks", required=True, help="task names (comma-separated) or a task set")
     p.add_argument("--episodes", type=positive_int, required=True, help="episodes per task")
-    p.add_argument("--out", required=True, help="output dataset directory (must not exist)")
+    p.add_argument("--out", required=True, type=output_dir,
+                   help="output dataset directory (must not exist)")
     p.add_argument("--policy", action="store_true", help="act with the policy prior, no MPPI")
     p.add_argument("--explore", action="store_true",
                    help="act as in training (planner noise / policy samples) instead of eval")

@@ -18,8 +18,10 @@ _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 def add_arguments(p):
+    from tdmpc_opt.cli._common import output_file
+
     p.add_argument("input", help="checkpoint to read (.pt or .safetensors)")
-    p.add_argument("output", help="file to write; .safetensors or .pt")
+    p.add_argument("output", type=output_file, help="file to write; .safetensors or .pt")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
                    help="floating-point type of the written tensors (default float32)")
     p.add_argument("--tasks", default=None,

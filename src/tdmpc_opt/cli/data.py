@@ -21,10 +21,13 @@ HELP = "convert TD-MPC2 dataset files to tdmpc-opt's format; describe a dataset"
 
 
 def add_arguments(p):
+    from tdmpc_opt.cli._common import output_dir
+
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     c = sub.add_parser("convert", help="convert published .pt dataset files")
     c.add_argument("inputs", nargs="+", help=".pt files, or directories holding them")
-    c.add_argument("--out", required=True, help="output directory (must not exist)")
+    c.add_argument("--out", required=True, type=output_dir,
+                   help="output directory (must not exist)")
     c.add_argument("--tasks", default="mt30",
                    help="task set the files' task ids index: mt30 (default), mt80 or names")
     c.add_argument("--chunk", type=int, default=1024, help="episodes converted at a time")

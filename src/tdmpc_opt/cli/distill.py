@@ -26,7 +26,7 @@ HELP = "train a small student from a frozen teacher (reward distillation and mor
 
 
 def add_arguments(p):
-    from tdmpc_opt.cli._common import nonnegative_float, positive_int
+    from tdmpc_opt.cli._common import nonnegative_float, output_dir, positive_int
 
     p.add_argument("--teacher", required=True, help="teacher checkpoint (.pt or .safetensors)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -51,9 +51,11 @@ def add_arguments(p):
                    help="start the student from this model's weights (its architecture; "
                         "fine-tuning) instead of a fresh initialisation")
     p.add_argument("--cache-teacher", nargs="?", const="", default=None, metavar="DIR",
+                   type=output_dir,
                    help="use (building if needed) a teacher-target cache (default: "
                         "RUN_DIR/teacher-cache)")
-    p.add_argument("--run-dir", default=None, help="run directory (default runs/distill-s<seed>)")
+    p.add_argument("--run-dir", default=None, type=output_dir,
+                   help="run directory (default runs/distill-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from tdmpc_opt.cli._common import add_backend_arguments, positive_int
+from tdmpc_opt.cli._common import add_backend_arguments, output_dir, output_file, positive_int
 
 NAME = "eval"
 HELP = "evaluate a checkpoint on tasks (batched planning, normalized score)"
@@ -44,8 +44,10 @@ def add_arguments(p):
                    help="episodes planned together in one batched call")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="cut episodes after this many agent steps (default: full 500)")
-    p.add_argument("--json", default=None, help="write results here (and resume from it)")
-    p.add_argument("--video", default=None, help="write one MP4 per task into this folder")
+    p.add_argument("--json", default=None, type=output_file,
+                   help="write results here (and resume from it)")
+    p.add_argument("--video", default=None, type=output_dir,
+                   help="write one MP4 per task into this folder")
     # quantization.RUNTIMES, spelled out so that --help does not import torch
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                    help="planner precision (default auto: int8 for int8-dynamic files, bf16 "

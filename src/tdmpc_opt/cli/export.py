@@ -17,9 +17,11 @@ HELP = "export a model to ONNX with a numpy + onnxruntime planner"
 
 
 def add_arguments(p):
+    from tdmpc_opt.cli._common import output_dir
+
     p.add_argument("--checkpoint", required=True, help="any supported checkpoint")
     p.add_argument("--format", default="onnx", dest="fmt", help="export format (onnx)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=output_dir, help="output folder")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
 
 

@@ -24,9 +24,12 @@ HELP = "distill, quantize, evaluate and report, end to end (the main job)"
 
 
 def add_arguments(p):
+    from tdmpc_opt.cli._common import output_dir
+
     p.add_argument("--config", default=None, help="settings file (.json or .toml)")
-    p.add_argument("--run-dir", default="runs/pipeline", help="run directory (default "
-                   "runs/pipeline); an existing one with the same settings is continued")
+    p.add_argument("--run-dir", default="runs/pipeline", type=output_dir,
+                   help="run directory (default runs/pipeline); an existing one with the "
+                   "same settings is continued")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="settings, e.g. steps=8000 eval_episodes=5 tasks=cartpole-balance")

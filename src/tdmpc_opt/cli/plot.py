@@ -12,8 +12,11 @@ HELP = "compare evaluation results (per-task returns) in one figure"
 
 
 def add_arguments(p):
+    from tdmpc_opt.cli._common import output_file
+
     p.add_argument("results", nargs="+", help="JSON files written by `tdmpc-opt eval --json`")
-    p.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg)")
+    p.add_argument("--out", required=True, type=output_file,
+                   help="image file to write (.png, .pdf, .svg)")
     p.add_argument("--labels", default=None, help="comma-separated names, one per result")
 
 

@@ -20,9 +20,12 @@ HELP = "predict latents, reward, Q and policy mean for given observations and ac
 
 
 def add_arguments(p):
+    from tdmpc_opt.cli._common import output_file
+
     p.add_argument("--checkpoint", required=True, help="model file")
     p.add_argument("--input", required=True, help="JSON list of {task, obs, action}")
-    p.add_argument("--output", required=True, help="where to write the predictions (JSON)")
+    p.add_argument("--output", required=True, type=output_file,
+                   help="where to write the predictions (JSON)")
 
 
 def run(args) -> int:

@@ -21,10 +21,12 @@ HELP = "quantize a checkpoint (fp16, bf16, int8, int8-dynamic)"
 
 
 def add_arguments(p):
+    from tdmpc_opt.cli._common import output_file
+
     p.add_argument("--checkpoint", required=True, help="float checkpoint (.pt or .safetensors)")
     p.add_argument("--format", required=True, dest="fmt",
                    help="fp16, bf16, int8 or int8-dynamic")
-    p.add_argument("--out", required=True, help="output file (.safetensors)")
+    p.add_argument("--out", required=True, type=output_file, help="output file (.safetensors)")
     p.add_argument("--calibrate-data", default=None, metavar="DIR",
                    help="a tdmpc-opt dataset folder, or a folder of *.npz files with 'obs' "
                         "[N, D] and 'task' [N] arrays: int8 formats then pick per-channel "

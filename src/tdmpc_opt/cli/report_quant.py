@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from tdmpc_opt.cli._common import int_list, positive_int, write_json
+from tdmpc_opt.cli._common import int_list, output_dir, positive_int, write_json
 
 NAME = "report-quant"
 HELP = "compare quantized formats: size, prediction error, score, planner latency"
@@ -34,7 +34,8 @@ _METRICS = ("z", "z_next", "reward", "q", "pi_mean")
 
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, help="float checkpoint to quantize")
-    p.add_argument("--out", default="reports/quant", help="folder for files and the report")
+    p.add_argument("--out", default="reports/quant", type=output_dir,
+                   help="folder for files and the report")
     p.add_argument("--formats", default=",".join(FORMATS), help="comma list of " +
                    ", ".join(FORMATS))
     p.add_argument("--paper-files", nargs="*", default=[],

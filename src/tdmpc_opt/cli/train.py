@@ -28,6 +28,8 @@ HELP = "train a world model offline from a dataset or online in an environment"
 
 
 def add_arguments(p):
+    from tdmpc_opt.cli._common import output_dir
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="dataset directory in tdmpc-opt format (offline)")
     src.add_argument("--task", help="task to train on online (with --online)")
@@ -38,7 +40,8 @@ def add_arguments(p):
     p.add_argument("--model-size", type=int, default=None,
                    help="published size in M parameters: 1, 5, 19, 48, 317 (default: "
                         "TD-MPC2's base architecture)")
-    p.add_argument("--run-dir", default=None, help="run directory (default runs/<name>-s<seed>)")
+    p.add_argument("--run-dir", default=None, type=output_dir,
+                   help="run directory (default runs/<name>-s<seed>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run directory's newest valid checkpoint")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
