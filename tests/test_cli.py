@@ -90,6 +90,9 @@ def _bad_inputs(tmp_path, ckpt):
         (["info"], "the following arguments are required"),
         (["eval", "--checkpoint", str(ckpt), "--tasks", "cartpole-balance", "--device", "gpu9"],
          "unknown device 'gpu9'"),
+        (["eval", "--checkpoint", str(ckpt), "--tasks", ""], "no task given"),  # not all 30
+        (["eval", "--checkpoint", str(ckpt), "--tasks", "cartpole-balance", "temperature=nan"],
+         "temperature='nan': expected a finite number"),
         # outputs refused before any work: a folder where a file goes, a file as a folder
         (["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "task.json"),
           "--output", str(tmp_path)], "is a folder; give a file name"),

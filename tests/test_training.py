@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tdmpc_opt import math as tm
-from tdmpc_opt.config import ConfigError, apply_overrides
+from tdmpc_opt.config import ConfigError, PlannerConfig, apply_overrides
 from tdmpc_opt.data import DatasetWriter
 from tdmpc_opt.replay import SequenceSampler
 from tdmpc_opt.runs import RunDir
@@ -86,6 +86,11 @@ def test_config_defaults_and_overrides():
         apply_overrides(c, ["batchsize=3"])
     with pytest.raises(ConfigError, match="rho"):
         apply_overrides(c, ["rho=0"])
+    for bad in ("lr=nan", "tau=inf", "rho=-inf"):
+        with pytest.raises(ConfigError, match="expected a finite number"):
+            apply_overrides(c, [bad])
+    with pytest.raises(ConfigError, match="temperature must be finite"):
+        PlannerConfig(temperature=float("nan")).validate()
 
 
 # --------------------------------------------------------- literal reference update

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 
@@ -133,8 +134,10 @@ class PlannerConfig:
             raise ConfigError("num_pi_trajs must be in [0, num_samples)")
         if self.num_elites > self.num_samples:
             raise ConfigError("num_elites must not exceed num_samples")
-        if not 0 < self.min_std <= self.max_std:
-            raise ConfigError("need 0 < min_std <= max_std")
+        if not 0 < self.min_std <= self.max_std < math.inf:
+            raise ConfigError("need 0 < min_std <= max_std, both finite")
+        if not math.isfinite(self.temperature):
+            raise ConfigError(f"planner temperature must be finite, got {self.temperature}")
         return self
 
 
@@ -193,7 +196,10 @@ def _coerce(value: str, annotation: str, key: str):
         if ann == "int":
             return int(value.replace("_", ""))
         if ann == "float":
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}={value!r}: expected a finite number")
+            return number
         if ann.startswith("tuple[str"):
             return tuple(v for v in value.split(",") if v)
         if ann.startswith("tuple[int"):

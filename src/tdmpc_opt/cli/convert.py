@@ -42,7 +42,7 @@ def run(args) -> int:
         raise InputError(f"{out}: output must end in .safetensors or .pt")
     if out.resolve() == Path(args.input).resolve():
         raise InputError("output would overwrite the input; choose another file name")
-    tasks = resolve_tasks(args.tasks) if args.tasks else None
+    tasks = resolve_tasks(args.tasks) if args.tasks is not None else None
     model, info = load_world_model(args.input, tasks=tasks)
     dtype = getattr(torch, _DTYPES[args.dtype])
     if out.suffix == ".pt":

@@ -134,7 +134,7 @@ def run(args) -> int:
                             device=args.device)
     if args.compile:
         agent = with_precision(agent, agent.precision + "+compile")
-    tasks = resolve_tasks(args.tasks) if args.tasks else agent.cfg.tasks
+    tasks = resolve_tasks(args.tasks) if args.tasks is not None else agent.cfg.tasks
     if not tasks:
         from tdmpc_opt.errors import TaskError
 

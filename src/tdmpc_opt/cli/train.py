@@ -172,7 +172,7 @@ def _offline_tasks(args):
     from tdmpc_opt.tasks import resolve_tasks
 
     dataset = Dataset(args.data)
-    tasks = resolve_tasks(args.tasks) if args.tasks else dataset.tasks
+    tasks = resolve_tasks(args.tasks) if args.tasks is not None else dataset.tasks
     return tasks, dataset
 
 
