@@ -179,6 +179,8 @@ def test_other_settings_in_the_same_run_dir_are_refused(tmp_path, capsys):
     ('{"stepz": 3}', ".json", "unknown PipelineConfig keys"),
     ("steps = 'many'", ".toml", "steps must be int, got 'many'"),
     ("[1, 2]", ".json", "must hold a table"),
+    ('{"coef": NaN}', ".json", "coef must be a finite number, got nan"),
+    ("coef = inf", ".toml", "coef must be a finite number, got inf"),
 ])
 def test_bad_config_files_get_one_line(tmp_path, capsys, content, suffix, message):
     path = tmp_path / f"cfg{suffix}"

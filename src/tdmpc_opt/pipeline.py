@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -155,12 +156,15 @@ def load_config(path: str | Path | None, overrides: list[str]) -> PipelineConfig
 
 
 def _check_types(cfg: PipelineConfig, path: Path) -> None:
-    """Refuse a settings file whose values have the wrong type (``steps = "many"``)."""
+    """Refuse a settings file whose values have the wrong type (``steps = "many"``) or are
+    not finite (``coef = nan``)."""
     kinds = {"int": (int,), "float": (int, float), "str": (str,)}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, bool) or not isinstance(value, kinds[str(f.type)]):
             raise ConfigError(f"{path}: {f.name} must be {f.type}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: {f.name} must be a finite number, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- the run
