@@ -102,6 +102,15 @@ def test_onnx_agent_acts_and_keeps_warm_start(exported):
     assert b.shape == (2, 6) and np.all(b[:, 1:] == 0)  # one-dim tasks: masked
     with pytest.raises(ValueError, match="not in this model"):
         agent.act(np.zeros(17, np.float32), task="cup-catch")
+    for obs, task, message in [(np.zeros(30, np.float32), 0, "takes at most 24"),
+                               (np.zeros((0, 24), np.float32), 0, "batch >= 1"),
+                               (np.zeros((2, 2, 24), np.float32), 0, "batch >= 1"),
+                               (np.full(24, np.nan, np.float32), 0, "NaN"),
+                               (np.zeros((2, 24), np.float32), [0, 1, 2], "3 tasks for 2")]:
+        with pytest.raises(ValueError, match=message):
+            agent.act(obs, task=task)
+    with pytest.raises(FileNotFoundError, match="no model.json here"):
+        op.OnnxAgent(out.parent)
 
 
 def test_deployment_runs_without_torch(exported):
@@ -114,6 +123,14 @@ def test_deployment_runs_without_torch(exported):
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "step 0:" in result.stdout
+    for args, message in [(["--task", "cup-catch"], "not in this model's task set"),
+                          (["--model", str(out.parent)], "no model.json here"),
+                          (["--batch", "0"], "must be positive")]:
+        bad = subprocess.run([sys.executable, "example.py", *args], cwd=out,
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 or "usage:" in bad.stderr
+        assert "Traceback" not in bad.stderr
 
 
 def test_export_cli_and_bad_input(tmp_path, capsys, tiny_cfg):

@@ -42,6 +42,9 @@ class OnnxWorldModel:
 
     def __init__(self, directory: str | Path, threads: int = 1):
         self.dir = Path(directory)
+        if not (self.dir / "model.json").is_file():
+            raise FileNotFoundError(f"{self.dir}: no model.json here; give the folder written by "
+                                    "`tdmpc-opt export --format onnx`")
         self.meta = json.loads((self.dir / "model.json").read_text())
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -209,10 +212,20 @@ class OnnxAgent:
         x = np.asarray(obs, F32)
         single = x.ndim == 1
         x = x[None] if single else x
+        if x.ndim != 2 or len(x) == 0:
+            raise ValueError(f"observations must be [obs] or [batch >= 1, obs], got shape "
+                             f"{np.shape(obs)}")
+        if x.shape[1] > self.model.obs_dim:
+            raise ValueError(f"observation has {x.shape[1]} values; this model takes at most "
+                             f"{self.model.obs_dim}")
+        if not np.isfinite(x).all():
+            raise ValueError("observation contains NaN or Inf")
         x = np.pad(x, ((0, 0), (0, self.model.obs_dim - x.shape[1])))
         b = len(x)
         tasks = [task] * b if task is None or isinstance(task, str | int | np.integer) \
             else list(task)
+        if len(tasks) != b:
+            raise ValueError(f"got {len(tasks)} tasks for {b} observations")
         tid = np.array([self.task_index(t) for t in tasks]) if self.model.multitask else None
         starts = np.broadcast_to(np.asarray(t0, bool), (b,)).copy()
         if self.prev_mean is None or len(self.prev_mean) != b:
