@@ -22,7 +22,8 @@ from onnx_planner import OnnxAgent  # noqa: E402
 
 
 def positive(text: str) -> int:
-    """argparse type: a whole number > 0."""
+    """argparse type: a whole number > 0 (this folder runs without tdmpc_opt installed, so
+    the package's own ``positive_int`` is not imported)."""
     try:
         value = int(text)
     except ValueError:

@@ -212,6 +212,7 @@ class OnnxAgent:
         x = np.asarray(obs, F32)
         single = x.ndim == 1
         x = x[None] if single else x
+        # the checks of tdmpc_opt.agent.Agent.prepare_obs, restated: no tdmpc_opt here
         if x.ndim != 2 or len(x) == 0:
             raise ValueError(f"observations must be [obs] or [batch >= 1, obs], got shape "
                              f"{np.shape(obs)}")
