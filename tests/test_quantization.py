@@ -212,6 +212,13 @@ def test_refuses_already_quantized_and_unknown_formats(tiny_file, tmp_path, caps
     assert main(["quantize", "--checkpoint", str(q), "--format", "int8", "--out",
                  str(tmp_path / "y.safetensors")]) == 2
     assert "already quantized" in capsys.readouterr().err
+    report = tmp_path / "report"
+    with pytest.raises(SystemExit) as refused:  # an argument error: argparse exits
+        main(["report-quant", "--checkpoint", str(tiny_file), "--formats", "fp16,int4", "--out",
+              str(report)])
+    assert refused.value.code == 2
+    assert "unknown format 'int4'; choose from" in capsys.readouterr().err
+    assert not report.exists()  # refused before anything is written
 
 
 def test_refuses_torch_quantized_and_pixel_files(tiny_model, tmp_path):

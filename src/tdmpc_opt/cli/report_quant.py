@@ -32,12 +32,26 @@ FORMATS = ("fp32", "fp16", "bf16", "int8", "int8-dynamic")
 _METRICS = ("z", "z_next", "reward", "q", "pi_mean")
 
 
+def format_list(text: str) -> list[str]:
+    """argparse type: comma-separated names from :data:`FORMATS` (checked before any work)."""
+    import argparse
+
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no format given")
+    for name in names:
+        if name not in FORMATS:
+            raise argparse.ArgumentTypeError(f"unknown format {name!r}; choose from "
+                                             f"{', '.join(FORMATS)}")
+    return names
+
+
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, help="float checkpoint to quantize")
     p.add_argument("--out", default="reports/quant", type=output_dir,
                    help="folder for files and the report")
-    p.add_argument("--formats", default=",".join(FORMATS), help="comma list of " +
-                   ", ".join(FORMATS))
+    p.add_argument("--formats", default=",".join(FORMATS), type=format_list,
+                   help="comma list of " + ", ".join(FORMATS))
     p.add_argument("--paper-files", nargs="*", default=[],
                    help="published quantized .pt files to evaluate as they are")
     p.add_argument("--inputs", choices=("env", "random"), default="env",
@@ -257,7 +271,7 @@ def measure(args, out: Path) -> list[dict]:
     from tdmpc_opt.quantization import load_fast_agent
 
     torch.set_num_threads(args.threads)
-    formats = [f for f in args.formats.split(",") if f]
+    formats = list(args.formats)
     variants = make_variants(Path(args.checkpoint), out, formats, args.paper_files)
     ref_agent = load_fast_agent(args.checkpoint, "fp32")
     inputs = held_out_inputs(ref_agent.model, args.inputs_per_task, args.seed, args.inputs)
