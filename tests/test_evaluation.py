@@ -83,10 +83,22 @@ def test_published_checkpoint_short_episode_cli_and_resume(fp16_ckpt, tmp_path, 
     assert main(args) == 0
     assert "resuming: 2 of 2" in capsys.readouterr().out
     assert json.loads(out.read_text())["tasks"] == first["tasks"]
-    # another precision is another evaluation: nothing resumed, the runtime recorded
-    assert main(args + ["--precision", "int8"]) == 0
+    # another precision is another evaluation: refused at the same --json (its results and
+    # finished episodes are kept), run at another one with the runtime recorded
+    saved = out.read_text(), out.with_name("r.json.episodes.jsonl").read_text()
+    assert main(args + ["--precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 finished episode(s) of an evaluation with other settings (runtime)" in err
+    assert (out.read_text(), out.with_name("r.json.episodes.jsonl").read_text()) == saved
+    other = tmp_path / "int8.json"
+    assert main([*args[:-5], str(other), *args[-4:], "--precision", "int8"]) == 0
     assert "resuming" not in capsys.readouterr().out
-    assert json.loads(out.read_text())["runtime"] == "int8"
+    assert json.loads(other.read_text())["runtime"] == "int8"
+    # finished results alone (episode log deleted) are protected the same way
+    out.with_name("r.json.episodes.jsonl").unlink()
+    assert main(args[:8] + ["5", *args[9:]]) == 2
+    assert f"{out} holds the results of an evaluation with other settings (max_steps)" in \
+        capsys.readouterr().err
 
 
 def test_cartpole_balance_short_run_scores_high(fp16_ckpt):

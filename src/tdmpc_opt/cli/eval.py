@@ -3,7 +3,9 @@
 Episodes of all asked tasks run together, --batch-size at a time, and every episode has its
 own seed, so results do not depend on the batch size. With --json, each finished episode is
 appended to OUT.json.episodes.jsonl at once: an interrupted evaluation started again with the
-same arguments skips the episodes it already finished.
+same arguments skips the episodes it already finished. An OUT.json that holds the results of an
+evaluation with other settings (checkpoint, precision, seed, --max-steps, planner) is refused,
+never overwritten: choose another --json, or delete it to start over.
 
 Examples:
   tdmpc-opt eval --checkpoint ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt \\
@@ -114,6 +116,30 @@ def _load_finished(path: Path, identity: dict) -> dict:
     return done
 
 
+def _refuse_other_evaluation(result: Path, log: Path, identity: dict) -> None:
+    """Refuse to overwrite the results or the finished episodes of an evaluation with other
+    settings (another checkpoint, runtime, seed, step limit or planner) at ``--json``."""
+    from tdmpc_opt.errors import ConfigError
+
+    def differing(other: dict) -> list[str]:
+        return [k for k, v in identity.items() if k in other and other[k] != v]
+
+    try:
+        lines = log.read_text().splitlines() if log.exists() else []
+        head = json.loads(lines[0]).get("identity", {}) if lines else {}
+        earlier = json.loads(result.read_text()) if result.exists() else {}
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: nothing this run could resume from or lose
+    if len(lines) > 1 and differing(head):
+        raise ConfigError(f"{log} holds {len(lines) - 1} finished episode(s) of an evaluation "
+                          f"with other settings ({', '.join(differing(head))}); choose another "
+                          "--json, or delete it to start over")
+    if isinstance(earlier, dict) and differing(earlier):
+        raise ConfigError(f"{result} holds the results of an evaluation with other settings "
+                          f"({', '.join(differing(earlier))}); choose another --json, or delete "
+                          "it to start over")
+
+
 def run(args) -> int:
     import torch
 
@@ -147,6 +173,8 @@ def run(args) -> int:
     specs = episode_specs(tasks, args.episodes, args.seed)
     identity = _identity(args, agent, planner)
     log = Path(args.json + ".episodes.jsonl") if args.json else None
+    if log:
+        _refuse_other_evaluation(Path(args.json), log, identity)
     done = _load_finished(log, identity) if log else {}
     todo = [s for s in specs if (s.task, s.episode) not in done]
     if log and not done:
