@@ -168,6 +168,25 @@ def reference_update(model, optim, pi_optim, scale, cfg: TrainConfig, batch: Bat
             "value_loss": vl / (H * mc.num_q), "pi_loss": pi_loss}
 
 
+def test_two_thread_updates_are_bit_reproducible(tiny_cfg):
+    """Two learners from one seed on the same batches with two threads end bit-identical
+    (the fused forward's task-table gather used to accumulate its gradient in a
+    thread-timing order, so repeated runs drifted apart in the last bits)."""
+    torch.set_num_threads(2)  # the autouse fixture restores one thread
+    cfg = dataclasses.replace(tiny_cfg, enc_dim=64, mlp_dim=64, latent_dim=32, task_dim=16)
+    batch = random_batch(cfg, b=64)  # big enough for the gather's backward to use 2 threads
+
+    def learn() -> dict[str, torch.Tensor]:
+        learner = build_learner(cfg, TrainConfig(batch_size=64, seed=1))
+        torch.manual_seed(7)
+        for _ in range(8):
+            learner.update(batch)
+        return learner.model.state_dict()
+
+    first, second = learn(), learn()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_update_matches_literal_reference(tiny_cfg, fused):
     mc = dataclasses.replace(tiny_cfg, dropout=0.0)

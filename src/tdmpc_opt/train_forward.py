@@ -117,7 +117,11 @@ class FusedNets(ModelNets):
         if not m.cfg.multitask:
             return None
         emb = m.task_embedding(torch.arange(m.cfg.num_tasks, device=weight.device))
-        return F.linear(emb, weight[..., cols].reshape(-1, emb.shape[-1]))[task]
+        table = F.linear(emb, weight[..., cols].reshape(-1, emb.shape[-1]))
+        # index_select, not table[task]: the latter's backward (index_put with accumulate)
+        # adds rows in a thread-timing order on a CPU, so two-thread training was not
+        # bit-reproducible; index_select's backward (index_add) adds them in row order
+        return torch.index_select(table, 0, task.reshape(-1)).reshape(*task.shape, -1)
 
     def _first(self, weight, bias, x, task, a=None):
         """``[x, emb(task), a] @ weight.T + bias`` without building the concatenation.
