@@ -97,8 +97,22 @@ def _identity(args, agent, planner) -> dict:
             "max_steps": args.max_steps, "planner": config_to_dict(planner)}
 
 
+def _differing(identity: dict, other: dict) -> list[str]:
+    """Keys of ``identity`` that ``other`` (an earlier run's) records with another value."""
+    return [k for k, v in identity.items() if k in other and other[k] != v]
+
+
+def _other_settings(path: Path, what: str, differing: list[str]):
+    from tdmpc_opt.errors import ConfigError
+
+    return ConfigError(f"{path} holds {what} of an evaluation with other settings "
+                       f"({', '.join(differing)}); choose another --json, or delete it to start "
+                       "over")
+
+
 def _load_finished(path: Path, identity: dict) -> dict:
-    """Finished episodes of an earlier run with the same identity, keyed by (task, episode)."""
+    """Finished episodes of an earlier run with the same identity, keyed by (task, episode);
+    finished episodes of a run with another identity are refused, never overwritten."""
     from tdmpc_opt.evaluation import EpisodeResult
 
     if not path.exists():
@@ -106,38 +120,29 @@ def _load_finished(path: Path, identity: dict) -> dict:
     done = {}
     lines = path.read_text().splitlines()
     try:
-        if not lines or json.loads(lines[0]) != {"identity": identity}:
+        head = json.loads(lines[0]).get("identity", {}) if lines else {}
+        if head != identity:
+            if len(lines) > 1 and _differing(identity, head):
+                raise _other_settings(path, f"{len(lines) - 1} finished episode(s)",
+                                      _differing(identity, head))
             return {}
         for line in lines[1:]:
             res = EpisodeResult(**json.loads(line))
             done[(res.task, res.episode)] = res
-    except (json.JSONDecodeError, TypeError):
-        pass  # a torn last line: keep what parsed
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        pass  # a torn last line: keep what parsed (an unreadable head: nothing to resume)
     return done
 
 
-def _refuse_other_evaluation(result: Path, log: Path, identity: dict) -> None:
-    """Refuse to overwrite the results or the finished episodes of an evaluation with other
-    settings (another checkpoint, runtime, seed, step limit or planner) at ``--json``."""
-    from tdmpc_opt.errors import ConfigError
-
-    def differing(other: dict) -> list[str]:
-        return [k for k, v in identity.items() if k in other and other[k] != v]
-
+def _refuse_other_results(result: Path, identity: dict) -> None:
+    """Refuse to overwrite ``--json`` results of an evaluation with other settings (another
+    checkpoint, runtime, seed, step limit or planner)."""
     try:
-        lines = log.read_text().splitlines() if log.exists() else []
-        head = json.loads(lines[0]).get("identity", {}) if lines else {}
         earlier = json.loads(result.read_text()) if result.exists() else {}
-    except (OSError, ValueError, AttributeError):
-        return  # unreadable: nothing this run could resume from or lose
-    if len(lines) > 1 and differing(head):
-        raise ConfigError(f"{log} holds {len(lines) - 1} finished episode(s) of an evaluation "
-                          f"with other settings ({', '.join(differing(head))}); choose another "
-                          "--json, or delete it to start over")
-    if isinstance(earlier, dict) and differing(earlier):
-        raise ConfigError(f"{result} holds the results of an evaluation with other settings "
-                          f"({', '.join(differing(earlier))}); choose another --json, or delete "
-                          "it to start over")
+    except (OSError, ValueError):
+        return  # unreadable: nothing to lose
+    if isinstance(earlier, dict) and _differing(identity, earlier):
+        raise _other_settings(result, "the results", _differing(identity, earlier))
 
 
 def run(args) -> int:
@@ -173,9 +178,9 @@ def run(args) -> int:
     specs = episode_specs(tasks, args.episodes, args.seed)
     identity = _identity(args, agent, planner)
     log = Path(args.json + ".episodes.jsonl") if args.json else None
-    if log:
-        _refuse_other_evaluation(Path(args.json), log, identity)
     done = _load_finished(log, identity) if log else {}
+    if log:
+        _refuse_other_results(Path(args.json), identity)
     todo = [s for s in specs if (s.task, s.episode) not in done]
     if log and not done:
         log.parent.mkdir(parents=True, exist_ok=True)

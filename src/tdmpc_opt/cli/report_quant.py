@@ -271,8 +271,7 @@ def measure(args, out: Path) -> list[dict]:
     from tdmpc_opt.quantization import load_fast_agent
 
     torch.set_num_threads(args.threads)
-    formats = list(args.formats)
-    variants = make_variants(Path(args.checkpoint), out, formats, args.paper_files)
+    variants = make_variants(Path(args.checkpoint), out, args.formats, args.paper_files)
     ref_agent = load_fast_agent(args.checkpoint, "fp32")
     inputs = held_out_inputs(ref_agent.model, args.inputs_per_task, args.seed, args.inputs)
     ref = predictions(ref_agent.model, *inputs)
