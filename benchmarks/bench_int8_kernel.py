@@ -9,11 +9,15 @@ the output products of ``WIDE_DEFAULT``, and reference-row codes (the default). 
 are timed interleaved (one call of each in turn) so that drift of a shared machine hits them
 alike; prints the median, quartile and minimum milliseconds per plan and the first action.
 With ``--fp32``, the float32 planner instead, its LayerNorm + Mish by PyTorch ops (or inductor)
-or by ``cpu_kernels.ln_mish_f32``, eager and ``+compile``.
+or by ``cpu_kernels.ln_mish_f32``, eager and ``+compile``. With ``--products``, the default
+int8 planner (eager and ``+compile``) with its int8 products on this package's AVX2 kernel
+(``cpu_kernels.int8_mm``) and through float32 BLAS (``TDMPC_OPT_PRODUCTS=kernel`` / ``float``,
+the same int32 results), beside the float32 ``+compile`` planner.
 
     python benchmarks/bench_int8_kernel.py --threads 2 --calls 100
     python benchmarks/bench_int8_kernel.py --threads 2 --calls 100 --codes
     python benchmarks/bench_int8_kernel.py --threads 2 --calls 40 --fp32
+    python benchmarks/bench_int8_kernel.py --threads 2 --calls 40 --products
 """
 
 from __future__ import annotations
@@ -39,13 +43,19 @@ DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / 
 VARIANTS = (("int8", False, WIDE_DEFAULT, False), ("int8", True, WIDE_DEFAULT, False),
             ("int8+compile", False, WIDE_DEFAULT, False),
             ("int8+compile", True, WIDE_DEFAULT, False))
-"""(precision, fused kernel, networks with 15-bit output codes, reference-row codes)."""
+"""(precision, fused kernel, networks with 15-bit output codes, reference-row codes[, int8
+products: ``TDMPC_OPT_PRODUCTS``])."""
 FP32_VARIANTS = (("fp32", False, WIDE_DEFAULT, False), ("fp32", True, WIDE_DEFAULT, False),
                  ("fp32+compile", False, WIDE_DEFAULT, False),
                  ("fp32+compile", True, WIDE_DEFAULT, False))
 CODE_VARIANTS = (("int8+compile", True, frozenset(), False),
                  ("int8+compile", True, WIDE_DEFAULT, False),
                  ("int8+compile", True, frozenset(), True))
+PRODUCT_VARIANTS = (("int8", True, WIDE_DEFAULT, None, "float"),
+                    ("int8", True, WIDE_DEFAULT, None, "kernel"),
+                    ("int8+compile", True, WIDE_DEFAULT, None, "float"),
+                    ("int8+compile", True, WIDE_DEFAULT, None, "kernel"),
+                    ("fp32+compile", True, WIDE_DEFAULT, None, None))
 
 
 def main() -> int:
@@ -58,6 +68,8 @@ def main() -> int:
                    help="compare activation codes: 8-bit, 15-bit outputs, reference rows")
     p.add_argument("--fp32", action="store_true",
                    help="the float32 planner with and without its LayerNorm + Mish kernel")
+    p.add_argument("--products", action="store_true",
+                   help="int8 products on the AVX2 kernel against float32 BLAS")
     args = p.parse_args()
     keep_freed_memory()  # as the command line does (tdmpc_opt.allocator)
     torch.set_num_threads(args.threads)
@@ -67,12 +79,22 @@ def main() -> int:
     agent = load_agent(args.checkpoint)
     _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, args.batch)
     views = []
-    variants = FP32_VARIANTS if args.fp32 else CODE_VARIANTS if args.codes else VARIANTS
-    for precision, fused, wide, ref in variants:
+    variants = FP32_VARIANTS if args.fp32 else CODE_VARIANTS if args.codes else \
+        PRODUCT_VARIANTS if args.products else VARIANTS
+    given = os.environ.get("TDMPC_OPT_PRODUCTS")
+    for precision, fused, wide, ref, *products in variants:
+        if products and products[0]:
+            os.environ["TDMPC_OPT_PRODUCTS"] = products[0]  # read when the layers are made
         fm = FastWorldModel(agent.model, precision, fused, wide, ref)
+        if given is None:
+            os.environ.pop("TDMPC_OPT_PRODUCTS", None)
+        else:
+            os.environ["TDMPC_OPT_PRODUCTS"] = given
         start = time.perf_counter()
         action, _ = plan(fm, agent.planner, z, task, prev, t0, True, noise, gamma)
         name = f"{precision} {'fused kernel' if fused else 'PyTorch ops'}"
+        if products and products[0]:
+            name += {"kernel": ", int8 kernel", "float": ", float32 BLAS"}[products[0]]
         if args.codes:
             name += ", reference rows" if ref else \
                 f", 15-bit into {','.join(sorted(wide)) or 'none'}"

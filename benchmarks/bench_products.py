@@ -1,6 +1,7 @@
 """How close a plan's matrix products alone come to the FLOP floor, and what the rest costs.
 
-Records every matrix product (``mm``, ``addmm``, ``addmm_``, ``_int_mm``) one eager batch-1
+Records every matrix product (``mm``, ``addmm``, ``addmm_``, ``_int_mm``, this package's AVX2
+int8 kernel) one eager batch-1
 plan issues, with its operands, then per round times: the plan itself (eager, and compiled if
 ``--compile``), the recorded products replayed back to back in the plan's order, and the
 matrix-product peak as ``tdmpc-opt bench planner`` measures it. The floor is the planner's
@@ -9,6 +10,7 @@ time, how much is products at the rate BLAS reaches on these shapes, and how muc
 everything else (LayerNorm + Mish, elementwise work, dispatch, threads' fork/join).
 
     python benchmarks/bench_products.py --precision fp32 --compile --rounds 4
+    python benchmarks/bench_products.py --precision int8 --compile --rounds 4
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tdmpc_opt import cpu_kernels
 from tdmpc_opt.agent import load_agent
 from tdmpc_opt.allocator import keep_freed_memory
 from tdmpc_opt.cli.bench import _plan_inputs, matmul_peak, planning_flops
@@ -33,6 +36,11 @@ DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / 
     "tdmpc-opt-mt30-1M-fp16.pt"
 aten = torch.ops.aten
 PRODUCTS = {aten.mm.default, aten.addmm.default, aten.addmm_.default, aten._int_mm.default}
+INT8_KERNEL = torch.ops.tdmpc_opt_cpu.int8_mm_packed.default \
+    if cpu_kernels.int8_mm_available() else None
+"""``(x [M, K], packed weight, N)``: :func:`tdmpc_opt.cpu_kernels.int8_mm`."""
+if INT8_KERNEL is not None:
+    PRODUCTS.add(INT8_KERNEL)
 
 
 class RecordProducts(TorchDispatchMode):
@@ -51,6 +59,8 @@ class RecordProducts(TorchDispatchMode):
 
 def product_flops(func, args) -> int:
     """2 * M * K * N of one recorded product."""
+    if func == INT8_KERNEL:
+        return 2 * args[0].shape[0] * args[0].shape[1] * args[2]
     x, w = (args[1], args[2]) if func in (aten.addmm.default, aten.addmm_.default) else args[:2]
     return 2 * x.shape[0] * x.shape[1] * w.shape[1]
 

@@ -272,7 +272,7 @@ def test_bench_cli_smoke(tiny_cfg, tmp_path, capsys):
     assert rows[0]["peak_gflops"] == rows[1]["peak_gflops"]
     assert all(r["x_floor"] == pytest.approx(r["ms_per_call"] / r["floor_ms"]) for r in rows)
     assert rows[0]["products"] == "native"
-    assert rows[2]["products"] in ("native", "float32 BLAS")
+    assert rows[2]["products"] in ("native", "int8 kernel", "float32 BLAS")
     assert rows[2]["agreement"]["action_max"] >= 0 and "vs literal" in capsys.readouterr().out
     assert main(["bench", "planner", "--checkpoint", str(ckpt), "--precision", "fp8"]) == 2
 

@@ -15,6 +15,12 @@ task bias and action inputs), LayerNorm and Mish in one pass per row after a bia
 product, 2.5x faster than inductor's fused loops for a ``[488, 384]`` layer on an AVX2 CPU
 (benchmarks/README.md).
 
+``int8_mm`` (``csrc/int8_gemm.cpp``) is an exact int8 matrix product for AVX2 CPUs without
+VNNI, where ``torch._int_mm`` runs a reference loop: ``vpmaddubsw`` on the inputs' magnitudes
+and the sign-adjusted weights (no pair sum can saturate for weights in ``[-127, 127]``), about
+1.4x float32 BLAS on a 2-core Zen 3. :mod:`tdmpc_opt.products` uses it wherever PyTorch's
+own int8 product is not native and this extension builds for AVX2 or wider.
+
 Numerics: the same formulas as the PyTorch path, with a faster ``exp`` (relative error ~1e-7:
 ``at::vec``'s ``exp_u20`` polynomial with ``scalef``, 11 vector ops on AVX-512); the int8
 outputs equal the PyTorch path's except where a value lies within ~1e-4 of a rounding boundary
@@ -35,7 +41,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "int8_layer.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int8_layer.cpp", "int8_gemm.cpp")]
 _DISABLE_ENV = "TDMPC_OPT_NO_CPU_KERNELS"
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
@@ -65,8 +71,8 @@ def _build() -> str | None:
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive_build(build_dir):
-            load(name, [str(_SOURCE)], extra_cflags=flags, build_directory=str(build_dir),
-                 is_python_module=False, verbose=False)
+            load(name, [str(p) for p in _SOURCES], extra_cflags=flags,
+                 build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as err:  # no compiler / ninja, or a failed build: fall back
         first = str(err).splitlines()[0] if str(err) else ""
         return f"{type(err).__name__}: {first[:160]}"
@@ -122,6 +128,10 @@ def _register_fake() -> None:
             return (w.new_empty((m + 2 * ref_groups, n), dtype=torch.int8),
                     w.new_empty((m + ref_groups, 1)))
         return w.new_empty((2 * m if wide else m, n), dtype=torch.int8), w.new_empty((m, 1))
+
+    @torch.library.register_fake("tdmpc_opt_cpu::int8_mm_packed")
+    def _(x, packed, n):
+        return x.new_empty((x.shape[0], n), dtype=torch.int32)
 
     @torch.library.register_fake("tdmpc_opt_cpu::ln_mish_f32_v2")
     def _(x, base, a, wa, w, b, eps):
@@ -186,3 +196,19 @@ def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.
     """
     return torch.ops.tdmpc_opt_cpu.ln_mish_int8_v3(base, acc, col_scale, row_scale, a, wa,
                                                     weight, norm_bias, eps, wide, ref_groups)
+
+
+def int8_mm_available() -> bool:
+    """Whether :func:`int8_mm` runs here: the extension built for AVX2 or wider."""
+    return available() and bool(torch.ops.tdmpc_opt_cpu.int8_mm_built())
+
+
+def int8_pack(w: torch.Tensor) -> torch.Tensor:
+    """An int8 weight ``[K, N]`` (values in ``[-127, 127]``) packed for :func:`int8_mm`."""
+    return torch.ops.tdmpc_opt_cpu.int8_pack(w)
+
+
+def int8_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """``x [M, K] int8 @ w [K, n]`` -> ``[M, n]`` int32, exactly ``torch._int_mm``'s result;
+    ``packed``: :func:`int8_pack` of ``w``."""
+    return torch.ops.tdmpc_opt_cpu.int8_mm_packed(x, packed, n)

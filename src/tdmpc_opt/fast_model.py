@@ -176,12 +176,14 @@ class Dense:
     outputs ``[M, out]`` (computed ``out`` rounded up to a multiple of 8 wide, which BLAS
     runs faster, then sliced). int8: weights per output channel and activations per row, both
     symmetric; the int32 products are rescaled in float32. Where this CPU has no native int8
-    or bfloat16 products, they are computed through float32 BLAS (:mod:`tdmpc_opt.products`:
-    identical int32 results; bf16 rounded the same way up to summation order).
+    or bfloat16 products, int8 ones run on this package's AVX2 kernel or through float32 BLAS
+    and bf16 ones through float32 BLAS (:mod:`tdmpc_opt.products`: identical int32 results;
+    bf16 rounded the same way up to summation order).
     """
 
     emulated: bool
-    """Products through float32 BLAS (:mod:`tdmpc_opt.products`)."""
+    """Products not on PyTorch's own kernels: through float32 BLAS, or for int8 this
+    package's CPU kernel (:mod:`tdmpc_opt.products`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str):
         self.precision = precision
@@ -197,9 +199,9 @@ class Dense:
             self.scale = w.abs().amax(1).clamp_min(1e-12) / _INT8_MAX
             self.weight = torch.round(w / self.scale[:, None]).clamp(-127, 127) \
                 .to(torch.int8).t()
-            self.weight_float = products.int_weight(self.weight)
-            """float32 copy of the int8 weight where int8 products are not native, else None."""
-            self.emulated = self.weight_float is not None
+            self.weight_prepared = products.int_weight(self.weight)
+            """The weight as :func:`products.int_mm` takes it here (None: ``torch._int_mm``)."""
+            self.emulated = self.weight_prepared is not None
             dtype = torch.float32
         else:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -235,7 +237,7 @@ class Dense:
             return y[:m], s[:m]
         if x.dtype != torch.int8:
             x, row_scale = quantize_rows(x, row_scale)
-        return products.int_mm(x, self.weight, self.weight_float), row_scale
+        return products.int_mm(x, self.weight, self.weight_prepared), row_scale
 
     def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``x [M, in]`` -> ``[M, out]``; ``row_scale [M, 1]``: int8 input scales, if known."""
@@ -266,7 +268,7 @@ class Dense:
         rows, m = codes.shape[0], codes.shape[0] // 2
         if rows < self.min_rows:
             codes = F.pad(codes, (0, 0, 0, self.min_rows - rows))
-        acc = products.int_mm(codes, self.weight, self.weight_float)[:rows, :self.out_dim]
+        acc = products.int_mm(codes, self.weight, self.weight_prepared)[:rows, :self.out_dim]
         y = acc[m:].to(torch.float32).div_(WIDE_PLANE).add_(acc[:m]).mul_(self.scale[:self.out_dim])
         return torch.addcmul(self.bias[:self.out_dim], y, row_scale)
 

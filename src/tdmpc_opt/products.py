@@ -1,24 +1,29 @@
-"""Reduced-precision matrix products, and whether this machine computes them natively.
+"""Reduced-precision matrix products, and how this machine computes them.
 
 PyTorch multiplies int8 (``torch._int_mm``) and bfloat16 matrices on a CPU with oneDNN only
 where the processor has instructions for them (VNNI or AMX for int8, AVX512-BF16 or AMX for
 bfloat16). Elsewhere -- every AVX2-only x86 CPU, e.g. AMD Zen 3 and most laptops -- it falls
 back to a reference loop: measured on a 2-core Zen 3 at 2-4 GFLOP/s against 112-148 for
 float32 (benchmarks/README.md), which would make the "fast" int8 and bf16 planners some 40
-times slower than float32. On such a machine this module computes the same products through
-float32 BLAS instead:
+times slower than float32. On such a machine this module computes the same products another
+way:
 
-* int8: the int8 operands as float32. Every partial sum of ``K`` products of values in
-  ``[-128, 127]`` is an integer of magnitude at most ``K * 2^14``, exact in float32 while it
-  stays below ``2^24``, so the int32 results are *identical* to ``torch._int_mm``'s whatever
-  the summation order; longer sums are split into chunks of :data:`EXACT_K` and added in int32.
+* int8, ``kernel``: this package's own AVX2 product (:func:`tdmpc_opt.cpu_kernels.int8_mm`),
+  exact like ``torch._int_mm`` and about 1.45x faster than float32 BLAS on the planner's
+  shapes; used wherever the CPU extension builds for AVX2.
+* int8, ``float``: the int8 operands as float32 through BLAS. Every partial sum of ``K``
+  products of values in ``[-128, 127]`` is an integer of magnitude at most ``K * 2^14``,
+  exact in float32 while it stays below ``2^24``, so the int32 results are *identical* to
+  ``torch._int_mm``'s whatever the summation order; longer sums are split into chunks of
+  :data:`EXACT_K` and added in int32.
 * bfloat16: float32 products of the bfloat16-rounded operands, accumulated in float32 and
   rounded to bfloat16 once, as oneDNN computes them (the summation order may differ, so a
   result can differ in its last bfloat16 bit).
 
 :func:`native` decides once per process and precision by timing the native product against
 float32 on a small shape (the two cases differ by a factor of 30-100, so the decision does
-not depend on noise); ``TDMPC_OPT_PRODUCTS=native`` or ``=float`` forces either path.
+not depend on noise); ``TDMPC_OPT_PRODUCTS=native``, ``=kernel`` (int8) or ``=float`` forces
+a path.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 EXACT_K = 1024
 """Longest int8 sum computed in one float32 product: ``1024 * 128^2 = 2^24``."""
 _ENV = "TDMPC_OPT_PRODUCTS"
-_CHOICES = ("native", "float")
+_CHOICES = ("native", "kernel", "float")
 
 
 def native(precision: str, device: torch.device | str = "cpu") -> bool:
@@ -44,9 +49,26 @@ def native(precision: str, device: torch.device | str = "cpu") -> bool:
         raise ValueError(f"{_ENV} must be one of {_CHOICES}, got {forced!r}")
     if precision == "fp32" or torch.device(device).type != "cpu" or forced == "native":
         return True
-    if forced == "float":
+    if forced in ("float", "kernel"):
         return False
     return _native_is_fast(precision)
+
+
+def int8_backend(device: torch.device | str = "cpu") -> str:
+    """How int8 products are computed on ``device``: ``native`` (``torch._int_mm``),
+    ``kernel`` (:func:`tdmpc_opt.cpu_kernels.int8_mm`) or ``float`` (float32 BLAS)."""
+    if native("int8", device):
+        return "native"
+    if os.environ.get(_ENV) == "float":
+        return "float"
+    from tdmpc_opt import cpu_kernels
+
+    if cpu_kernels.int8_mm_available():
+        return "kernel"
+    if os.environ.get(_ENV) == "kernel":
+        raise RuntimeError(f"{_ENV}=kernel, but the int8 CPU kernel is unavailable here: "
+                           f"{cpu_kernels.unavailable_reason() or 'the CPU has no AVX2'}")
+    return "float"
 
 
 @functools.cache
@@ -85,25 +107,36 @@ def _fastest(fn, calls: int = 3) -> float:
 
 
 def int_weight(w: torch.Tensor) -> torch.Tensor | None:
-    """The float32 copy of an int8 weight ``[K, N]`` that :func:`int_mm` multiplies with where
-    int8 products are not native (None where they are: no copy kept)."""
-    if native("int8", w.device):
+    """The form of an int8 weight ``[K, N]`` (values in ``[-127, 127]``) that :func:`int_mm`
+    multiplies with on this machine (:func:`int8_backend`): None for ``torch._int_mm`` (no copy
+    kept), the packed int8 weight for the CPU kernel, or a float32 copy for BLAS."""
+    backend = int8_backend(w.device)
+    if backend == "native":
         return None
+    if backend == "kernel":
+        from tdmpc_opt import cpu_kernels
+
+        return cpu_kernels.int8_pack(w)
     return w.to(torch.float32).contiguous()
 
 
-def int_mm(x: torch.Tensor, w: torch.Tensor, w_float: torch.Tensor | None = None
+def int_mm(x: torch.Tensor, w: torch.Tensor, prepared: torch.Tensor | None = None
            ) -> torch.Tensor:
     """``x [M, K] int8 @ w [K, N] int8`` -> ``[M, N]`` int32, exactly ``torch._int_mm``'s
-    result. ``w_float``: :func:`int_weight` of ``w`` (None: ``torch._int_mm``)."""
-    if w_float is None:
+    result. ``prepared``: :func:`int_weight` of ``w`` (None: ``torch._int_mm``; int8: the CPU
+    kernel's packed weight; float32: through BLAS)."""
+    if prepared is None:
         return torch._int_mm(x, w)
+    if prepared.dtype == torch.int8:
+        from tdmpc_opt import cpu_kernels
+
+        return cpu_kernels.int8_mm(x, prepared, w.shape[1])
     k = x.shape[1]
     xf = x.to(torch.float32)
     if k <= EXACT_K:
-        return torch.mm(xf, w_float).to(torch.int32)
+        return torch.mm(xf, prepared).to(torch.int32)
     out = None
     for s in range(0, k, EXACT_K):
-        part = torch.mm(xf[:, s:s + EXACT_K], w_float[s:s + EXACT_K]).to(torch.int32)
+        part = torch.mm(xf[:, s:s + EXACT_K], prepared[s:s + EXACT_K]).to(torch.int32)
         out = part if out is None else out.add_(part)
     return out

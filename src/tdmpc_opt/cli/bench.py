@@ -85,8 +85,9 @@ def planning_flops(cfg, pcfg) -> dict[str, float]:
 def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5,
                 device: str | torch.device = "cpu") -> float:
     """Measured GFLOP/s (GOP/s for int8) of a ``[rows, dim] @ [dim, dim]`` product on
-    ``device``, computed as the planner computes it (natively, or through float32 BLAS where
-    this CPU has no native int8 / bf16 products: :mod:`tdmpc_opt.products`)."""
+    ``device``, computed as the planner computes it (natively, or where this CPU has no native
+    int8 / bf16 products on this package's int8 kernel or through float32 BLAS:
+    :mod:`tdmpc_opt.products`)."""
     from tdmpc_opt.fast_model import Dense
 
     g = torch.Generator().manual_seed(0)
@@ -117,9 +118,13 @@ def synchronizer(device: str | torch.device):
 
 
 def product_backend(precision: str, device: str | torch.device = "cpu") -> str:
-    """How ``device`` computes ``precision`` products: ``native`` or ``float32 BLAS``."""
+    """How ``device`` computes ``precision`` products: ``native``, ``int8 kernel`` (this
+    package's AVX2 product) or ``float32 BLAS``."""
     from tdmpc_opt import products
 
+    if precision.startswith("int8"):
+        return {"native": "native", "kernel": "int8 kernel",
+                "float": "float32 BLAS"}[products.int8_backend(device)]
     return "native" if products.native(precision, device) else "float32 BLAS"
 
 

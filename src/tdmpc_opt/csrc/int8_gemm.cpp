@@ -1,0 +1,146 @@
+// Exact int8 matrix products on AVX2 CPUs that have no VNNI (where PyTorch's torch._int_mm
+// runs a reference loop):  out[M, N] int32 = x[M, K] int8 @ w[K, N] int8, equal to _int_mm.
+//
+// The only AVX2 int8 multiply, vpmaddubsw, takes an unsigned and a signed operand and adds
+// each pair of products into a *saturating* int16. With |x| <= 128 as the unsigned operand
+// and w * sign(x) (|w| <= 127) as the signed one, a pair sums to at most 2 * 128 * 127 =
+// 32512 < 2^15, so nothing saturates and every product keeps its sign; vpmaddwd with ones
+// then adds pairs of pairs into int32 lanes. Weights of -128 are refused at packing (their
+// sign cannot be flipped in int8); the planner's weights are symmetric codes in [-127, 127].
+//
+// Layout: the weight is packed once into panels of 16 columns, [ceil(N/16)][ceil(K/4)][16][4]
+// (4 consecutive k of one column in one int32 lane), zero-padded. A 4-row x 16-column block
+// of the output lives in 8 registers for the whole K loop. The work is split into (panel,
+// 64-row chunk) tasks over the OpenMP threads; integer sums are exact, so the result does not
+// depend on the thread count or the split. Measured on a 2-core Zen 3 (benchmarks/README.md):
+// about 1.4x float32 BLAS for the planner's shapes.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // output columns per packed panel (two 8-lane registers)
+constexpr int64_t kRows = 4;    // output rows per register block
+constexpr int64_t kChunk = 64;  // rows per parallel task
+
+#if defined(__AVX2__)
+// out[r, 0:cols] = sum_k x[r, k] w[k, panel col] for R rows; b: one packed panel.
+template <int R>
+void block(const int8_t* x, int64_t ldx, const int8_t* b, int64_t k4, int32_t* out,
+           int64_t ldo, int64_t cols) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t k = 0; k < k4; ++k) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * 64));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * 64 + 32));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + r * ldx + k * 4, 4);
+      const __m256i xs = _mm256_set1_epi32(four);
+      const __m256i xu = _mm256_abs_epi8(xs);  // -128 -> 0x80, i.e. 128 unsigned
+      const __m256i p0 = _mm256_maddubs_epi16(xu, _mm256_sign_epi8(b0, xs));
+      const __m256i p1 = _mm256_maddubs_epi16(xu, _mm256_sign_epi8(b1, xs));
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (cols == kPanel) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo), acc[r][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 8), acc[r][1]);
+    } else {
+      alignas(32) int32_t tmp[kPanel];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[r][0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8), acc[r][1]);
+      std::copy(tmp, tmp + cols, out + r * ldo);
+    }
+  }
+}
+#endif
+
+at::Tensor int8_pack(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2,
+              "int8_pack: needs an int8 [K, N] weight");
+  TORCH_CHECK(w.numel() == 0 || w.min().item<int8_t>() > -128,
+              "int8_pack: weights must lie in [-127, 127]");
+  const int64_t k = w.size(0), n = w.size(1);
+  const int64_t k4 = (k + 3) / 4, panels = (n + kPanel - 1) / kPanel;
+  at::Tensor packed = at::zeros({panels, k4, kPanel, 4}, w.options());
+  const auto src = w.accessor<int8_t, 2>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      dst[((j / kPanel) * k4 + i / 4) * kPanel * 4 + (j % kPanel) * 4 + i % 4] = src[i][j];
+  return packed;
+}
+
+at::Tensor int8_mm_packed(const at::Tensor& x_in, const at::Tensor& packed, int64_t n) {
+#if defined(__AVX2__)
+  TORCH_CHECK(x_in.scalar_type() == at::kChar && x_in.dim() == 2,
+              "int8_mm_packed: needs int8 [M, K] inputs");
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 &&
+                  packed.size(2) == kPanel && packed.size(3) == 4 && packed.is_contiguous(),
+              "int8_mm_packed: the weight must come from int8_pack");
+  const int64_t m = x_in.size(0), k = x_in.size(1), k4 = packed.size(1);
+  TORCH_CHECK((k + 3) / 4 == k4 && n > 0 && (n + kPanel - 1) / kPanel == packed.size(0),
+              "int8_mm_packed: inputs [", m, ", ", k, "] do not match the packed weight");
+  at::Tensor out = at::empty({m, n}, x_in.options().dtype(at::kInt));
+  if (m == 0) return out;
+  // rows read 4 bytes at a time: pad K to a multiple of 4 (zeros add nothing)
+  at::Tensor x = x_in;
+  if (k % 4 != 0 || x.stride(1) != 1) {
+    x = at::zeros({m, k4 * 4}, x_in.options());
+    x.narrow(1, 0, k).copy_(x_in);
+  }
+  const int8_t* xp = x.data_ptr<int8_t>();
+  const int64_t ldx = x.stride(0);
+  const int8_t* bp = packed.data_ptr<int8_t>();
+  int32_t* op = out.data_ptr<int32_t>();
+  const int64_t chunks = (m + kChunk - 1) / kChunk, panels = packed.size(0);
+  at::parallel_for(0, panels * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / chunks, first = (task % chunks) * kChunk;
+      const int64_t last = std::min(m, first + kChunk);
+      const int64_t cols = std::min(kPanel, n - p * kPanel);
+      const int8_t* panel = bp + p * k4 * kPanel * 4;
+      int64_t r = first;
+      for (; r + kRows <= last; r += kRows)
+        block<kRows>(xp + r * ldx, ldx, panel, k4, op + r * n + p * kPanel, n, cols);
+      for (; r < last; ++r)
+        block<1>(xp + r * ldx, ldx, panel, k4, op + r * n + p * kPanel, n, cols);
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "int8_mm_packed: built without AVX2");
+#endif
+}
+
+bool int8_mm_built() {
+#if defined(__AVX2__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tdmpc_opt_cpu, m) {
+  m.def("int8_pack(Tensor w) -> Tensor");
+  m.def("int8_mm_packed(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("int8_mm_built() -> bool", &int8_mm_built);
+}
+
+TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
+  m.impl("int8_pack", &int8_pack);
+  m.impl("int8_mm_packed", &int8_mm_packed);
+}
