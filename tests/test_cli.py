@@ -116,6 +116,16 @@ def test_bad_input_gives_one_line_and_exit_2(fp16_ckpt, tmp_path, capsys):
         assert "Traceback" not in err
 
 
+def test_bad_products_setting_refused_before_work(fp16_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TDMPC_OPT_PRODUCTS", "fastest")
+    out = tmp_path / "r.json"
+    code, _, err = _run(["bench", "planner", "--checkpoint", str(fp16_ckpt), "--json", str(out)],
+                        capsys)
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    assert err.strip().splitlines() == ["error: TDMPC_OPT_PRODUCTS must be one of native, "
+                                        "kernel, float (or unset), got 'fastest'"]
+
+
 def test_console_script_runs_as_a_process(fp16_ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tdmpc_opt", "info", str(tmp_path / "x.pt")],
                           capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ import torch
 from conftest import random_model
 from tdmpc_opt import products
 from tdmpc_opt.config import PlannerConfig
+from tdmpc_opt.errors import ConfigError
 from tdmpc_opt.fast_model import Dense, FastWorldModel
 from tdmpc_opt.planner import draw_noise, plan
 
@@ -136,7 +137,7 @@ def test_native_can_be_forced_and_rejects_bad_values(monkeypatch):
     assert products.int_weight(torch.zeros(4, 4, dtype=torch.int8)) is None
     assert products.int8_backend() == "native"
     monkeypatch.setenv("TDMPC_OPT_PRODUCTS", "fast")
-    with pytest.raises(ValueError, match="TDMPC_OPT_PRODUCTS"):
+    with pytest.raises(ConfigError, match="TDMPC_OPT_PRODUCTS"):
         products.native("int8")
 
 

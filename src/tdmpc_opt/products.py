@@ -34,6 +34,8 @@ import time
 
 import torch
 
+from tdmpc_opt.errors import ConfigError
+
 EXACT_K = 1024
 """Longest int8 sum computed in one float32 product: ``1024 * 128^2 = 2^24``."""
 _ENV = "TDMPC_OPT_PRODUCTS"
@@ -44,14 +46,22 @@ def native(precision: str, device: torch.device | str = "cpu") -> bool:
     """Whether ``int8`` / ``bf16`` products run on PyTorch's own kernels here (always for
     ``fp32`` and on a GPU); False: :func:`int_mm` and :class:`~tdmpc_opt.fast_model.Dense`
     compute them through float32 BLAS."""
-    forced = os.environ.get(_ENV, "")
-    if forced and forced not in _CHOICES:
-        raise ValueError(f"{_ENV} must be one of {_CHOICES}, got {forced!r}")
+    forced = check_environment()
     if precision == "fp32" or torch.device(device).type != "cpu" or forced == "native":
         return True
     if forced in ("float", "kernel"):
         return False
     return _native_is_fast(precision)
+
+
+def check_environment() -> str:
+    """The forced path, ``TDMPC_OPT_PRODUCTS`` (``""``: decide per machine); a
+    :class:`~tdmpc_opt.errors.ConfigError` for any other value."""
+    forced = os.environ.get(_ENV, "")
+    if forced and forced not in _CHOICES:
+        raise ConfigError(f"{_ENV} must be one of {', '.join(_CHOICES)} (or unset), "
+                          f"got {forced!r}")
+    return forced
 
 
 def int8_backend(device: torch.device | str = "cpu") -> str:
@@ -66,7 +76,7 @@ def int8_backend(device: torch.device | str = "cpu") -> str:
     if cpu_kernels.int8_mm_available():
         return "kernel"
     if os.environ.get(_ENV) == "kernel":
-        raise RuntimeError(f"{_ENV}=kernel, but the int8 CPU kernel is unavailable here: "
+        raise ConfigError(f"{_ENV}=kernel, but the int8 CPU kernel is unavailable here: "
                            f"{cpu_kernels.unavailable_reason() or 'the CPU has no AVX2'}")
     return "float"
 

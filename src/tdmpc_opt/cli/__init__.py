@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # planning reuses its freed activations (tdmpc_opt.allocator)
     try:
+        from tdmpc_opt import products
+
+        products.check_environment()  # a bad TDMPC_OPT_PRODUCTS before any work
         return int(args._run(args) or 0)
     except TdmpcError as e:
         print(f"error: {e}", file=sys.stderr)
