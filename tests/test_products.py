@@ -141,6 +141,18 @@ def test_native_can_be_forced_and_rejects_bad_values(monkeypatch):
         products.native("int8")
 
 
+def test_kernel_forced_where_it_cannot_run_is_refused(monkeypatch):
+    from tdmpc_opt import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "int8_mm_available", lambda: False)
+    monkeypatch.setenv("TDMPC_OPT_PRODUCTS", "kernel")
+    with pytest.raises(ConfigError, match="int8 CPU kernel is unavailable"):
+        products.int_weight(torch.zeros(4, 4, dtype=torch.int8))
+    monkeypatch.delenv("TDMPC_OPT_PRODUCTS")
+    if not products.native("int8"):  # automatic choice: float32 BLAS, no error
+        assert products.int8_backend() == "float"
+
+
 def _dense_pair(monkeypatch, precision: str, other: str = "float"):
     """The same layer made with native products and with the ``other`` path, and an input."""
     g = torch.Generator().manual_seed(0)

@@ -45,7 +45,7 @@ _CHOICES = ("native", "kernel", "float")
 def native(precision: str, device: torch.device | str = "cpu") -> bool:
     """Whether ``int8`` / ``bf16`` products run on PyTorch's own kernels here (always for
     ``fp32`` and on a GPU); False: :func:`int_mm` and :class:`~tdmpc_opt.fast_model.Dense`
-    compute them through float32 BLAS."""
+    compute them another way (int8: :func:`int8_backend`; bf16: through float32 BLAS)."""
     forced = check_environment()
     if precision == "fp32" or torch.device(device).type != "cpu" or forced == "native":
         return True
@@ -77,7 +77,7 @@ def int8_backend(device: torch.device | str = "cpu") -> str:
         return "kernel"
     if os.environ.get(_ENV) == "kernel":
         raise ConfigError(f"{_ENV}=kernel, but the int8 CPU kernel is unavailable here: "
-                           f"{cpu_kernels.unavailable_reason() or 'the CPU has no AVX2'}")
+                          f"{cpu_kernels.unavailable_reason() or 'the CPU has no AVX2'}")
     return "float"
 
 
