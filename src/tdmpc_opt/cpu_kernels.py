@@ -200,7 +200,12 @@ def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.
 
 def int8_mm_available() -> bool:
     """Whether :func:`int8_mm` runs here: the extension built for AVX2 or wider."""
-    return available() and bool(torch.ops.tdmpc_opt_cpu.int8_mm_built())
+    if not available():
+        return False
+    try:
+        return bool(torch.ops.tdmpc_opt_cpu.int8_mm_built())
+    except (AttributeError, RuntimeError):  # an extension loaded without this source
+        return False
 
 
 def int8_pack(w: torch.Tensor) -> torch.Tensor:
