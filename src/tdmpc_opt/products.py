@@ -9,7 +9,7 @@ times slower than float32. On such a machine this module computes the same produ
 way:
 
 * int8, ``kernel``: this package's own AVX2 product (:func:`tdmpc_opt.cpu_kernels.int8_mm`),
-  exact like ``torch._int_mm`` and about 1.45x faster than float32 BLAS on the planner's
+  exact like ``torch._int_mm`` and about 1.4x faster than float32 BLAS on the planner's
   shapes; used wherever the CPU extension builds for AVX2.
 * int8, ``float``: the int8 operands as float32 through BLAS. Every partial sum of ``K``
   products of values in ``[-128, 127]`` is an integer of magnitude at most ``K * 2^14``,
