@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import random_model
-from tdmpc_opt import products
+from tdmpc_opt import cpu_kernels, products
 from tdmpc_opt.config import PlannerConfig
 from tdmpc_opt.errors import ConfigError
 from tdmpc_opt.fast_model import Dense, FastWorldModel
@@ -33,8 +33,6 @@ def test_int_mm_exact_at_the_largest_sums():
 
 
 def _need_kernel():
-    from tdmpc_opt import cpu_kernels
-
     if not cpu_kernels.int8_mm_available():
         pytest.skip(f"int8 CPU kernel: {cpu_kernels.unavailable_reason() or 'no AVX2'}")
 
@@ -51,8 +49,6 @@ def _int_mm_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def test_int8_kernel_equals_int_mm(m, k, n):
     """Every block shape and tail: rows not a multiple of 4, K not of 4, N not of 16."""
     _need_kernel()
-    from tdmpc_opt import cpu_kernels
-
     g = torch.Generator().manual_seed(m * k + n)
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
@@ -65,8 +61,6 @@ def test_int8_kernel_exact_where_pairs_are_largest():
     """The sums the saturation argument rests on: x = -128 or 127 against w = +-127 in every
     sign combination (a pair of products reaches 2 * 128 * 127 = 32512)."""
     _need_kernel()
-    from tdmpc_opt import cpu_kernels
-
     k = 512
     x = torch.tensor([[-128] * k, [127] * k, [-128, 127] * (k // 2), [127, -128] * (k // 2),
                       [-128] * k], dtype=torch.int8)
@@ -82,8 +76,6 @@ def test_int8_kernel_exact_where_pairs_are_largest():
 
 def test_int8_kernel_reads_strided_rows_and_any_thread_count():
     _need_kernel()
-    from tdmpc_opt import cpu_kernels
-
     g = torch.Generator().manual_seed(5)
     wide = torch.randint(-128, 128, (300, 200), dtype=torch.int8, generator=g)
     x = wide[:, 8:136]  # rows 200 bytes apart
@@ -99,8 +91,6 @@ def test_int8_kernel_reads_strided_rows_and_any_thread_count():
 
 def test_int8_kernel_refuses_what_it_cannot_compute():
     _need_kernel()
-    from tdmpc_opt import cpu_kernels
-
     w = torch.zeros(8, 8, dtype=torch.int8)
     w[3, 2] = -128
     with pytest.raises(RuntimeError, match=r"\[-127, 127\]"):
@@ -113,8 +103,6 @@ def test_int8_kernel_refuses_what_it_cannot_compute():
 def test_int8_kernel_in_a_compiled_function():
     """The planner's +compile precisions trace through the kernel (an opaque call)."""
     _need_kernel()
-    from tdmpc_opt import cpu_kernels
-
     g = torch.Generator().manual_seed(2)
     x = torch.randint(-128, 128, (40, 64), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (64, 24), dtype=torch.int8, generator=g)
@@ -142,8 +130,6 @@ def test_native_can_be_forced_and_rejects_bad_values(monkeypatch):
 
 
 def test_kernel_forced_where_it_cannot_run_is_refused(monkeypatch):
-    from tdmpc_opt import cpu_kernels
-
     monkeypatch.setattr(cpu_kernels, "int8_mm_available", lambda: False)
     monkeypatch.setenv("TDMPC_OPT_PRODUCTS", "kernel")
     with pytest.raises(ConfigError, match="int8 CPU kernel is unavailable"):
@@ -198,8 +184,6 @@ def test_int8_plans_identical_through_float(monkeypatch, tiny_cfg, fused):
     """The whole int8 planner (PyTorch ops or the fused kernel) plans the same actions with
     native products, this package's int8 kernel and float32-BLAS products: the int32
     products are the same numbers."""
-    from tdmpc_opt import cpu_kernels
-
     if fused and not cpu_kernels.available():
         pytest.skip(f"fused CPU kernel: {cpu_kernels.unavailable_reason()}")
     _need_kernel()

@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from tdmpc_opt import cpu_kernels
 from tdmpc_opt.errors import ConfigError
 
 EXACT_K = 1024
@@ -69,13 +70,12 @@ def int8_backend(device: torch.device | str = "cpu") -> str:
     ``kernel`` (:func:`tdmpc_opt.cpu_kernels.int8_mm`) or ``float`` (float32 BLAS)."""
     if native("int8", device):
         return "native"
-    if os.environ.get(_ENV) == "float":
+    forced = check_environment()
+    if forced == "float":
         return "float"
-    from tdmpc_opt import cpu_kernels
-
     if cpu_kernels.int8_mm_available():
         return "kernel"
-    if os.environ.get(_ENV) == "kernel":
+    if forced == "kernel":
         raise ConfigError(f"{_ENV}=kernel, but the int8 CPU kernel is unavailable here: "
                           f"{cpu_kernels.unavailable_reason() or 'the CPU has no AVX2'}")
     return "float"
@@ -124,8 +124,6 @@ def int_weight(w: torch.Tensor) -> torch.Tensor | None:
     if backend == "native":
         return None
     if backend == "kernel":
-        from tdmpc_opt import cpu_kernels
-
         return cpu_kernels.int8_pack(w)
     return w.to(torch.float32).contiguous()
 
@@ -138,8 +136,6 @@ def int_mm(x: torch.Tensor, w: torch.Tensor, prepared: torch.Tensor | None = Non
     if prepared is None:
         return torch._int_mm(x, w)
     if prepared.dtype == torch.int8:
-        from tdmpc_opt import cpu_kernels
-
         return cpu_kernels.int8_mm(x, prepared, w.shape[1])
     k = x.shape[1]
     xf = x.to(torch.float32)
