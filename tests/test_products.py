@@ -129,6 +129,46 @@ def test_native_can_be_forced_and_rejects_bad_values(monkeypatch):
         products.native("int8")
 
 
+def test_native_check_times_with_one_thread_and_restores_threads(monkeypatch):
+    """The check's products run single-threaded (on a busy machine a two-thread float32
+    product waits for its descheduled thread, which made the check pick the 40x slower
+    reference loop), alternately, and the caller's thread count comes back even on error."""
+    seen = []
+
+    def fake_int_mm(x, w):
+        seen.append(("int8", torch.get_num_threads()))
+        return torch.zeros(x.shape[0], w.shape[1], dtype=torch.int32)
+
+    monkeypatch.setattr(torch, "_int_mm", fake_int_mm)
+    products._native_is_fast.cache_clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert products._native_is_fast("int8")  # a no-op "product" is fast
+        assert torch.get_num_threads() == 2
+        assert seen and all(n == 1 for _, n in seen)
+
+        def broken(x, w):
+            raise RuntimeError("no kernel")
+
+        monkeypatch.setattr(torch, "_int_mm", broken)
+        products._native_is_fast.cache_clear()
+        with pytest.raises(RuntimeError, match="no kernel"):
+            products._native_is_fast("int8")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+        products._native_is_fast.cache_clear()
+
+
+def test_best_times_alternates_and_keeps_the_shortest():
+    order = []
+    first, second = (lambda: order.append(1)), (lambda: order.append(2))
+    t1, t2 = products._best_times(first, second, calls=3)
+    assert order == [1, 2] * 4  # one warm-up each, then alternating
+    assert 0 <= t1 < 1 and 0 <= t2 < 1
+
+
 def test_kernel_forced_where_it_cannot_run_is_refused(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "int8_mm_available", lambda: False)
     monkeypatch.setenv("TDMPC_OPT_PRODUCTS", "kernel")

@@ -21,9 +21,11 @@ way:
   result can differ in its last bfloat16 bit).
 
 :func:`native` decides once per process and precision by timing the native product against
-float32 on a small shape (the two cases differ by a factor of 30-100, so the decision does
-not depend on noise); ``TDMPC_OPT_PRODUCTS=native``, ``=kernel`` (int8) or ``=float`` forces
-a path.
+float32 on a small shape, with one thread, calls interleaved (the two cases differ by a
+factor of 30-100; with two threads on a busy machine a float32 product waits for its
+descheduled second thread, which made the check pick the reference loop in 14-19 of 20 tries
+on a loaded 2-core machine, benchmarks/README.md); ``TDMPC_OPT_PRODUCTS=native``, ``=kernel``
+(int8) or ``=float`` forces a path.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _native_is_fast(precision: str) -> bool:
     """Time the native ``precision`` product against float32 on ``[128, 256] @ [256, 256]``.
 
     Native kernels run 2-4x faster than float32, reference loops 30-100x slower; the native
-    path is kept unless it is more than 3x slower than float32.
+    path is kept unless it is more than 3x slower than float32 (:func:`_best_times`).
     """
     g = torch.Generator().manual_seed(0)
     xf, wf = torch.randn(128, 256, generator=g), torch.randn(256, 256, generator=g)
@@ -103,17 +105,28 @@ def _native_is_fast(precision: str) -> bool:
             return xb @ wb
     else:
         raise ValueError(f"no native-product check for precision {precision!r}")
-    return _fastest(low) < 3 * _fastest(lambda: xf @ wf)
+    t_low, t_float = _best_times(low, lambda: xf @ wf)
+    return t_low < 3 * t_float
 
 
-def _fastest(fn, calls: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def _best_times(first, second, calls: int = 5) -> tuple[float, float]:
+    """Shortest of ``calls`` timings of each of two functions, called alternately with one
+    thread (the caller's thread count restored afterwards): a multi-threaded call on a busy
+    machine can wait milliseconds for a descheduled thread, and alternating calls keep a
+    slow phase of the machine from falling on one function only."""
+    threads = torch.get_num_threads()
+    best = [float("inf"), float("inf")]
+    try:
+        torch.set_num_threads(1)
+        first(), second()
+        for _ in range(calls):
+            for i, fn in enumerate((first, second)):
+                t = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return best[0], best[1]
 
 
 def int_weight(w: torch.Tensor) -> torch.Tensor | None:
