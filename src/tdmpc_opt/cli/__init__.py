@@ -1,10 +1,13 @@
 """Command-line interface: ``tdmpc-opt <command> ...``.
 
 Each command lives in its own module of this package and defines ``NAME``, ``HELP`` and
-``add_arguments(parser)`` plus ``run(args) -> int``. Commands are discovered automatically, so
+``add_arguments(parser)`` plus ``run(args) -> int``, and may set ``INTERRUPTED``, the note
+printed on Ctrl-C (default :data:`INTERRUPTED`). Commands are discovered automatically, so
 adding one is adding a file. Every :class:`~tdmpc_opt.errors.TdmpcError` is printed as one line
-``error: ...`` with exit code 2; Ctrl-C exits with 130 and a short note. Every command runs
-with :func:`~tdmpc_opt.allocator.keep_freed_memory`.
+``error: ...`` with exit code 2, and so are failures of the machine rather than of the code
+(an operating-system error such as a folder that cannot be created, memory exhausted); a
+closed output pipe (``| head``) ends quietly; Ctrl-C exits with 130 and the command's note.
+Every command runs with :func:`~tdmpc_opt.allocator.keep_freed_memory`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import sys
 import warnings
 
 from tdmpc_opt.errors import TdmpcError
+
+INTERRUPTED = "interrupted; finished work is saved, run the same command again to continue"
+"""Ctrl-C note of a command that does not set its own ``INTERRUPTED``."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _interrupted=getattr(mod, "INTERRUPTED", INTERRUPTED))
     return parser
 
 
@@ -68,10 +74,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is saved, run the same command again to continue",
-              file=sys.stderr)
+        print(args._interrupted, file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (``| head``): nothing to say
+        _silence_stdout()
+        return 141
+    except MemoryError:
+        print("error: out of memory; try a smaller batch, model or sample count",
+              file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine refused (no such folder, permission, disk full)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise  # a bug: keep its traceback
+        print("error: out of memory; try a smaller batch, model or sample count",
+              file=sys.stderr)
+        return 2
 
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is PyTorch's allocation failure (CPU or GPU)."""
+    text = str(err)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush of a closed pipe
+    does not print a second error."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 if __name__ == "__main__":
     sys.exit(main())
