@@ -187,6 +187,31 @@ def test_bad_files_give_clear_errors(fp16_ckpt, tmp_path):
         assert name
 
 
+def test_pytorch_file_named_safetensors_is_a_clear_error(tiny_cfg, tmp_path):
+    """torch.load picks its safetensors reader by the file name; its error is ours too."""
+    torch.save({"model": WorldModel(tiny_cfg).state_dict()}, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_world_model(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("value,message", [("{not json", "not JSON"),
+                                           ('"int8"', "expected a JSON object")])
+def test_bad_quantization_metadata_is_a_clear_error(tiny_cfg, tmp_path, value, message):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tdmpc_opt.checkpoints import describe
+
+    save_checkpoint(tmp_path / "m.safetensors", WorldModel(tiny_cfg))
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        meta, state = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta["quantization"] = value
+    save_file(state, str(tmp_path / "q.safetensors"), metadata=meta)
+    for read in (load_world_model, describe):
+        with pytest.raises(CheckpointError, match=message):
+            read(tmp_path / "q.safetensors")
+
+
 def test_wrong_shapes_and_nan_weights(fp16_ckpt, tmp_path):
     raw, _ = read_state_dict(fp16_ckpt)
     bad = dict(raw)

@@ -139,6 +139,8 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
                               "file)")
     if magic == b"PK\x03\x04":
         _check_zip_crc(path)
+    from safetensors import SafetensorError  # torch.load reads *.safetensors names with it
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -146,7 +148,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
                               f"than tensors, which could run code ({_unpickling_reason(e)})"
                               ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            AttributeError, IndexError, TypeError, UnicodeDecodeError) as e:
+            AttributeError, IndexError, TypeError, UnicodeDecodeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): "
                               f"{first[:200]}") from None
@@ -337,8 +339,27 @@ def _decode_own(state, meta, tasks, overrides):
     if meta.get("quantization"):
         from tdmpc_opt.quantization import dequantize_stored
 
-        state = dequantize_stored(state, json.loads(meta["quantization"]))
+        try:
+            state = dequantize_stored(state, quantization_metadata(meta))
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"tdmpc-opt checkpoint with bad quantization metadata: "
+                                  f"{str(e)[:200]}") from None
     return {k: v.float() for k, v in state.items()}, cfg
+
+
+def quantization_metadata(meta: dict) -> dict | None:
+    """The ``quantization`` entry of a checkpoint's metadata, decoded (None if absent)."""
+    if not meta.get("quantization"):
+        return None
+    try:
+        value = json.loads(meta["quantization"])
+    except ValueError as e:
+        raise CheckpointError(f"tdmpc-opt checkpoint with bad quantization metadata (not "
+                              f"JSON: {e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError("tdmpc-opt checkpoint with bad quantization metadata (expected "
+                              f"a JSON object, got {type(value).__name__})")
+    return value
 
 
 def encode_metadata(cfg: ModelConfig, state: dict[str, torch.Tensor],
@@ -396,7 +417,7 @@ def describe(path: str | Path) -> dict:
         "task_set": next((n for n in ("mt30", "mt80") if cfg.tasks and n == _set_name(cfg)),
                          None),
         "tasks": list(cfg.tasks), "model_config": config_to_dict(cfg),
-        "quantization": json.loads(meta["quantization"]) if meta.get("quantization") else None,
+        "quantization": quantization_metadata(meta),
     }
 
 

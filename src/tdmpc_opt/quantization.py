@@ -22,7 +22,6 @@ copies the online Qs into the targets); ``keep_target_q=True`` keeps them.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -230,12 +229,12 @@ def load_fast_agent(path: str | Path, runtime: str = "auto", planner=None, **kwa
     maps to 127 again), so an int8 file plans with exactly its stored weights.
     """
     from tdmpc_opt.agent import load_agent
-    from tdmpc_opt.checkpoints import read_state_dict
+    from tdmpc_opt.checkpoints import quantization_metadata, read_state_dict
 
     if runtime not in RUNTIMES:
         raise QuantizationError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
     _, meta = read_state_dict(path)
-    qfmt = json.loads(meta["quantization"])["format"] if meta.get("quantization") else None
+    qfmt = (quantization_metadata(meta) or {}).get("format")
     runtime = runtime_for(qfmt) if runtime == "auto" else runtime
     return with_precision(load_agent(path, planner=planner, **kwargs), runtime)
 
@@ -275,6 +274,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str,
         encode_metadata,
         load_world_model,
         migrate_official_keys,
+        quantization_metadata,
         read_state_dict,
         save_tensors,
     )
@@ -285,7 +285,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str,
         raise QuantizationError("output would overwrite the input; choose another file name")
     raw, meta = read_state_dict(src)
     if meta.get("quantization"):
-        done = json.loads(meta["quantization"]).get("format")
+        done = (quantization_metadata(meta) or {}).get("format")
         raise QuantizationError(f"{src} is already quantized ({done}); quantize the float "
                                 "checkpoint it was made from instead")
     torch_q = [k for k, v in raw.items() if v.is_quantized]

@@ -19,6 +19,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_THREADS = 256
+"""Most intra-op threads a command accepts: far more than any machine it plans on has cores,
+and far below what crashes PyTorch's thread pool (100000 threads end in a segfault)."""
+
+
+def thread_count(text: str) -> int:
+    """argparse type: a number of torch threads, 1 to :data:`MAX_THREADS`."""
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_THREADS}, got {value}")
+    return value
+
+
 def noise_stds(text: str) -> float | tuple[float, ...]:
     """argparse type: one std >= 0, or comma-separated stds that episodes cycle through."""
     parts = [nonnegative_float(t) for t in text.split(",")]
@@ -36,9 +49,23 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
-    """argparse type: comma-separated positive integers, e.g. ``1,16,64``."""
-    return [positive_int(t) for t in text.split(",") if t.strip()]
+    """argparse type: comma-separated positive integers, e.g. ``1,16,64`` (at least one)."""
+    values = [positive_int(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
 
 
 def output_file(text: str) -> str:

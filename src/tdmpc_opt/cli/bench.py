@@ -30,7 +30,13 @@ import time
 
 import torch
 
-from tdmpc_opt.cli._common import int_list, nonnegative_float, output_file, positive_int
+from tdmpc_opt.cli._common import (
+    int_list,
+    nonnegative_float,
+    nonnegative_int,
+    output_file,
+    thread_count,
+)
 
 NAME = "bench"
 HELP = "benchmark the planner (speed, FLOPs vs measured peak, speed-up, agreement)"
@@ -45,14 +51,14 @@ def add_arguments(p):
     q.add_argument("--batch", type=int_list, default=[1], help="batch sizes, e.g. 1,16,64")
     q.add_argument("--precision", default="fp32,bf16,int8",
                    help="comma-separated: fp32, bf16, int8, each optionally +compile")
-    q.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    q.add_argument("--threads", type=thread_count, default=None, help="torch threads")
     q.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda (plans replayed from CUDA graphs)")
     q.add_argument("--seconds", type=nonnegative_float, default=3.0,
                    help="timing budget per row (at least 3 timed calls)")
-    q.add_argument("--literal-calls", type=int, default=2,
+    q.add_argument("--literal-calls", type=nonnegative_int, default=2,
                    help="timed calls of the literal planner (0: skip the speed-up)")
-    q.add_argument("--agreement", type=int, default=8,
+    q.add_argument("--agreement", type=nonnegative_int, default=8,
                    help="states for the agreement check of reduced precisions (0: skip)")
     q.add_argument("--json", default=None, type=output_file, help="also write the results here")
     q.add_argument("overrides", nargs="*", metavar="key=value",
@@ -340,6 +346,8 @@ def run(args) -> int:
     from tdmpc_opt.fast_model import parse_precision
 
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not precisions:
+        raise ConfigError(f"--precision names no precision: {args.precision!r}")
     for p in precisions:
         try:
             parse_precision(p)

@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from tdmpc_opt.cli._common import int_list, output_dir, positive_int, write_json
+from tdmpc_opt.cli._common import int_list, output_dir, positive_int, thread_count, write_json
 
 NAME = "report-quant"
 HELP = "compare quantized formats: size, prediction error, score, planner latency"
@@ -61,7 +61,7 @@ def add_arguments(p):
     p.add_argument("--batch", type=int_list, default=[1, 16],
                    help="planner batch sizes to time (default 1,16); empty to skip")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed planner steps")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads")
     p.add_argument("--score-tasks", default="", help="comma list of tasks to score on")
     p.add_argument("--episodes", type=positive_int, default=2, help="episodes per task")
 
