@@ -102,6 +102,20 @@ def _bad_inputs(tmp_path, ckpt):
          "is a file; give a folder"),
         (["eval", "--checkpoint", str(ckpt), "--tasks", "cartpole-balance", "--json",
           str(tmp_path)], "is a folder; give a file name"),
+        (["export", "--checkpoint", str(ckpt), "--out", ""], "an empty path"),
+        (["report-quant", "--out", ""], "an empty path"),
+        (["bench", "planner", "--checkpoint", str(ckpt), "--threads", "100000"],
+         "at most 256, got 100000"),  # PyTorch's thread pool segfaulted
+        (["report-quant", "--threads", "100000"], "at most 256"),
+        (["bench", "planner", "--checkpoint", str(ckpt), "--batch", ","],
+         "expected comma-separated numbers"),
+        (["bench", "planner", "--checkpoint", str(ckpt), "--precision", ","],
+         "names no precision"),
+        (["bench", "planner", "--checkpoint", str(ckpt), "--literal-calls", "-1"],
+         "must be 0 or more"),
+        (["plot", str(tmp_path), "--out", str(tmp_path / "a.png")], "is a folder; give the JSON"),
+        (["plot", str(tmp_path / "notjson.json"), "--out", str(tmp_path / "a.json")],
+         "name an image file"),
         *([] if torch.cuda.is_available() else [
             (["bench", "planner", "--checkpoint", str(ckpt), "--device", "cuda"], "use cpu")]),
     ]
@@ -134,3 +148,52 @@ def test_console_script_runs_as_a_process(fp16_ckpt, tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "tdmpc_opt", "--help"], capture_output=True,
                            text=True, timeout=120)
     assert help_.returncode == 0 and "eval" in help_.stdout and "predict" in help_.stdout
+
+
+@pytest.mark.parametrize("raised,code,first_line", [
+    (FileNotFoundError(2, "No such file or directory", "/proc/x"), 2,
+     "error: No such file or directory: /proc/x"),
+    (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 81604378624 bytes"), 2, "error: out of memory; try a smaller"),
+    (MemoryError(), 2, "error: out of memory; try a smaller"),
+    (KeyboardInterrupt(), 130, "interrupted; finished work is saved"),
+])
+def test_machine_failures_are_one_line(monkeypatch, capsys, raised, code, first_line):
+    """Failures of the machine rather than the code: one line, no traceback."""
+    from tdmpc_opt.cli import info
+
+    def fail(args):
+        raise raised
+
+    monkeypatch.setattr(info, "run", fail)
+    got, _, err = _run(["info", "x.pt"], capsys)
+    assert got == code and len(err.strip().splitlines()) == 1
+    assert err.startswith(first_line), err
+
+
+def test_command_sets_its_own_interrupt_note_and_bugs_keep_tracebacks(monkeypatch, capsys):
+    from tdmpc_opt.cli import info
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", interrupted)
+    monkeypatch.setattr(info, "INTERRUPTED", "interrupted; nothing was written", raising=False)
+    assert _run(["info", "x.pt"], capsys)[::2] == (130, "interrupted; nothing was written\n")
+
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(info, "run", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["info", "x.pt"])
+
+
+def test_closed_stdout_pipe_ends_quietly(fp16_ckpt):
+    """``tdmpc-opt info ... | head -1`` where the reader has gone before the output comes
+    (``true`` reads nothing): exit 141 without a BrokenPipeError traceback."""
+    cmd = f"{sys.executable} -m tdmpc_opt info {fp16_ckpt} | true"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""

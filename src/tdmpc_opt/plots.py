@@ -19,6 +19,9 @@ def load_results(paths: list[str]) -> list[dict]:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{path}: is a folder; give the JSON file `tdmpc-opt eval --json` "
+                             "wrote") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError(f"{path}: not a JSON file") from None
         if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):

@@ -71,6 +71,8 @@ def int_list(text: str) -> list[int]:
 def output_file(text: str) -> str:
     """argparse type: a file this command will write; refused before any work if a folder
     stands at that path or a file stands where one of its folders should be."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file name")
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
@@ -81,6 +83,8 @@ def output_file(text: str) -> str:
 def output_dir(text: str) -> str:
     """argparse type: a folder this command will write into (created if missing); refused
     before any work if a file stands at that path or where one of its parents should be."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a folder")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file; give a folder")

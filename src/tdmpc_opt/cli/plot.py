@@ -11,12 +11,27 @@ NAME = "plot"
 HELP = "compare evaluation results (per-task returns) in one figure"
 
 
-def add_arguments(p):
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+"""Image formats ``--out`` may name (matplotlib writes each)."""
+
+
+def image_file(text: str) -> str:
+    """argparse type: an image file to write, named with one of :data:`IMAGE_SUFFIXES`."""
+    import argparse
+    from pathlib import Path
+
     from tdmpc_opt.cli._common import output_file
 
+    if Path(text).suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text}: name an image file ending in "
+                                         f"{', '.join(IMAGE_SUFFIXES)}")
+    return output_file(text)
+
+
+def add_arguments(p):
     p.add_argument("results", nargs="+", help="JSON files written by `tdmpc-opt eval --json`")
-    p.add_argument("--out", required=True, type=output_file,
-                   help="image file to write (.png, .pdf, .svg)")
+    p.add_argument("--out", required=True, type=image_file,
+                   help="image file to write (.png, .pdf, .svg, .jpg)")
     p.add_argument("--labels", default=None, help="comma-separated names, one per result")
 
 
