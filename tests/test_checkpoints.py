@@ -269,3 +269,16 @@ def test_atomic_write_failures_are_output_errors_and_keep_the_old_file(tmp_path)
         atomic_write(tmp_path / "folder", lambda tmp: tmp.write_text("x"))
     with pytest.raises(OutputError, match="cannot write .*result.json/x"):  # a file as a folder
         atomic_write(target / "x", lambda tmp: tmp.write_text("x"))
+
+
+def test_saved_files_get_the_users_usual_permissions(tiny_cfg, tmp_path):
+    """safetensors creates its files 0o600; ours get 0o666 less the umask, like open()."""
+    import os
+
+    save_checkpoint(tmp_path / "m.safetensors", WorldModel(tiny_cfg))
+    (tmp_path / "plain").write_text("x")
+    mode = (tmp_path / "m.safetensors").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask

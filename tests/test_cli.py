@@ -74,6 +74,11 @@ def _bad_inputs(tmp_path, ckpt):
         [{"task": "walker-walk", "obs": [0.0] * 7, "action": [0.0] * 6}]))
     (tmp_path / "task.json").write_text(json.dumps(
         [{"task": "walker-moonwalk", "obs": [0.0] * 24, "action": [0.0] * 6}]))
+    (tmp_path / "huge.json").write_text(
+        '[{"task": "walker-walk", "obs": [' + "9" * 400 + ", 0" * 23 + '], "action": ['
+        + ", ".join(["0"] * 6) + "]}]")
+    (tmp_path / "big.json").write_text(json.dumps(
+        [{"task": "walker-walk", "obs": [1e39] + [0.0] * 23, "action": [0.0] * 6}]))
     (tmp_path / "trunc.pt").write_bytes(ckpt.read_bytes()[:5000])
     (tmp_path / "text.pt").write_text("not a checkpoint")
     pred = ["predict", "--checkpoint", str(ckpt), "--output", str(tmp_path / "o.json"),
@@ -86,6 +91,8 @@ def _bad_inputs(tmp_path, ckpt):
         ([*pred, str(tmp_path / "wrongobs.json")], "'obs' has 7 values; expected 24"),
         ([*pred, str(tmp_path / "task.json")], "not in this model's task set"),
         ([*pred, str(tmp_path / "none.json")], "no such input file"),
+        ([*pred, str(tmp_path / "huge.json")], "'obs' contains a number too large"),
+        ([*pred, str(tmp_path / "big.json")], "or a number too large"),
         (["convert", str(ckpt), str(tmp_path / "x.bin")], "must end in .safetensors or .pt"),
         (["info"], "the following arguments are required"),
         (["eval", "--checkpoint", str(ckpt), "--tasks", "cartpole-balance", "--device", "gpu9"],

@@ -14,6 +14,7 @@ tensor bytes that is verified on load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -45,17 +46,28 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def _new_file_mode() -> int:
+    """Permissions of a file this process creates with ``open``: ``0o666`` less the umask
+    (read once: setting the umask to read it is not thread-safe, so only done once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file.
 
     The previous file at ``path`` survives any failure (full disk included). A failure to
-    write raises :class:`~tdmpc_opt.errors.OutputError` (an ``OSError`` too).
+    write raises :class:`~tdmpc_opt.errors.OutputError` (an ``OSError`` too). The file gets
+    the permissions of any other file the user creates (safetensors writes ``0o600``).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        os.chmod(tmp, _new_file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

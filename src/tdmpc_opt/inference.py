@@ -17,9 +17,12 @@ def _vector(item: dict, key: str, want: int, padded: int, where: str) -> torch.T
     if len(values) not in (want, padded):
         raise InputError(f"{where}: '{key}' has {len(values)} values; expected {want}"
                          + (f" (or {padded} padded)" if padded != want else ""))
-    x = torch.tensor(values, dtype=torch.float32)
+    try:
+        x = torch.tensor([float(v) for v in values], dtype=torch.float32)
+    except OverflowError:  # an integer beyond any float
+        raise InputError(f"{where}: '{key}' contains a number too large") from None
     if not torch.isfinite(x).all():
-        raise InputError(f"{where}: '{key}' contains NaN or Inf")
+        raise InputError(f"{where}: '{key}' contains NaN or Inf, or a number too large")
     return torch.nn.functional.pad(x, (0, padded - len(values)))
 
 
