@@ -180,6 +180,45 @@ def test_calibrate_data_cli(tiny_file, tmp_path, capsys):
     assert "no calibration data" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case,message", [
+    ("object", "unreadable calibration file"),
+    ("corrupt", "not a readable .npz file"),
+    ("float_task", "integer task indices"),
+    ("nan", "contain NaN or Inf"),
+    ("empty", "holds no observations"),
+])
+def test_bad_calibration_data_is_one_line(tiny_file, tmp_path, capsys, case, message):
+    data = tmp_path / "calib"
+    data.mkdir()
+    obs, task = np.random.randn(20, 17).astype(np.float32), np.zeros(20, dtype=np.int64)
+    if case == "object":  # would need pickle to load: refused, never unpickled
+        np.savez(data / "a.npz", obs=np.array([{"x": 1}] * 20, dtype=object), task=task)
+    elif case == "corrupt":
+        np.savez(data / "a.npz", obs=obs, task=task)
+        (data / "a.npz").write_bytes((data / "a.npz").read_bytes()[:100])
+    elif case == "float_task":
+        np.savez(data / "a.npz", obs=obs, task=task + 0.5)
+    elif case == "nan":
+        obs[3, 2] = np.nan
+        np.savez(data / "a.npz", obs=obs, task=task)
+    else:
+        np.savez(data / "a.npz", obs=obs[:0], task=task[:0])
+    out = tmp_path / "c.safetensors"
+    code = main(["quantize", "--checkpoint", str(tiny_file), "--format", "int8", "--out",
+                 str(out), "--calibrate-data", str(data)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rows", ["0", "-5"])
+def test_calibrate_rows_must_be_positive(tiny_file, tmp_path, capsys, rows):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--checkpoint", str(tiny_file), "--format", "int8", "--out",
+              str(tmp_path / "c.safetensors"), "--calibrate-rows", rows])
+    assert e.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
 def test_calibrate_data_from_dataset_folder(tiny_model, tmp_path):
     from tdmpc_opt.cli.quantize import load_calibration
     from tdmpc_opt.data import DatasetWriter

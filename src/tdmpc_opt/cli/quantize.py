@@ -21,7 +21,7 @@ HELP = "quantize a checkpoint (fp16, bf16, int8, int8-dynamic)"
 
 
 def add_arguments(p):
-    from tdmpc_opt.cli._common import output_file
+    from tdmpc_opt.cli._common import output_file, positive_int
 
     p.add_argument("--checkpoint", required=True, help="float checkpoint (.pt or .safetensors)")
     p.add_argument("--format", required=True, dest="fmt",
@@ -31,7 +31,7 @@ def add_arguments(p):
                    help="a tdmpc-opt dataset folder, or a folder of *.npz files with 'obs' "
                         "[N, D] and 'task' [N] arrays: int8 formats then pick per-channel "
                         "clip ratios minimising each layer's output error on them")
-    p.add_argument("--calibrate-rows", type=int, default=4096,
+    p.add_argument("--calibrate-rows", type=positive_int, default=4096,
                    help="observations used for calibration (evenly spaced; default 4096)")
     p.add_argument("--keep-target-q", action="store_true",
                    help="keep the target Q-networks (needed only to resume training)")
@@ -41,7 +41,8 @@ def load_calibration(directory: str, cfg, rows: int = 4096):
     """``(obs [M, obs_dim], task [M] or None)`` from a dataset folder or ``*.npz`` files.
 
     Raises:
-        InputError: missing folder, no data, wrong shapes or tasks not in the model.
+        InputError: missing folder, no data, unreadable files, wrong shapes or types,
+            NaN or Inf observations, or tasks not in the model.
     """
     from pathlib import Path
 
@@ -64,13 +65,21 @@ def load_calibration(directory: str, cfg, rows: int = 4096):
         if not files:
             raise InputError(f"{directory}: no calibration data (a dataset folder or *.npz "
                              "files with 'obs' and 'task' arrays)")
-        arrays = [dict(np.load(f)) for f in files]
-        if not all("obs" in a and a["obs"].ndim == 2 for a in arrays):
-            raise InputError(f"{directory}: every .npz needs an 'obs' array [N, D]")
+        arrays = [_read_npz(f) for f in files]
+        if not all("obs" in a and a["obs"].ndim == 2 and _numeric(a["obs"]) for a in arrays):
+            raise InputError(f"{directory}: every .npz needs a numeric 'obs' array [N, D]")
+        if any("task" in a and not (a["task"].ndim == 1 and np.issubdtype(a["task"].dtype,
+                                                                          np.integer))
+               for a in arrays):
+            raise InputError(f"{directory}: 'task' arrays must hold integer task indices [N]")
         obs = np.concatenate([a["obs"] for a in arrays])[:rows]
         task = (np.concatenate([a["task"] for a in arrays])[:rows]
                 if all("task" in a for a in arrays) else None)
         names = cfg.tasks
+    if len(obs) == 0:
+        raise InputError(f"{directory}: the calibration data holds no observations")
+    if not np.isfinite(obs).all():
+        raise InputError(f"{directory}: the calibration observations contain NaN or Inf")
     if obs.shape[1] > cfg.obs_dim:
         raise InputError(f"{directory}: observations have {obs.shape[1]} values, the model "
                          f"takes {cfg.obs_dim}")
@@ -84,6 +93,29 @@ def load_calibration(directory: str, cfg, rows: int = 4096):
     if missing:
         raise InputError(f"{directory}: tasks {sorted(missing)} are not in the model")
     return x, torch.tensor([cfg.tasks.index(names[t]) for t in task])
+
+
+def _read_npz(path) -> dict:
+    """The arrays of one ``.npz`` file, refusing pickled (object) arrays and broken files."""
+    import zipfile
+
+    import numpy as np
+
+    from tdmpc_opt.errors import InputError
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except ValueError as e:  # object arrays need pickle: refused
+        raise InputError(f"{path}: unreadable calibration file ({str(e)[:120]})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a readable .npz file ({str(e)[:120]})") from None
+
+
+def _numeric(a) -> bool:
+    import numpy as np
+
+    return np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.complexfloating)
 
 
 def run(args) -> int:
