@@ -251,12 +251,29 @@ def test_environment_batch_split_and_seeds():
         distributed.detect({"WORLD_SIZE": "two"})
     with pytest.raises(ConfigError, match="inconsistent"):
         distributed.detect({"WORLD_SIZE": "2", "RANK": "2"})
+    for world in ("0", "-3"):  # not quietly a single process
+        with pytest.raises(ConfigError, match=f"WORLD_SIZE must be at least 1, got {world}"):
+            distributed.detect({"WORLD_SIZE": world})
     assert distributed.local_batch(256, 4) == 64 and distributed.local_batch(256) == 256
     with pytest.raises(ConfigError, match="batch_size=10 does not split evenly over 4"):
         distributed.local_batch(10, 4)
     assert distributed.rank_seed(7) == 7  # a single process keeps its seed
     seeds = {distributed.rank_seed(7, r, world=4) for r in range(4)}
     assert len(seeds) == 4 and seeds == {distributed.rank_seed(7, r, world=4) for r in range(4)}
+
+
+def test_joining_says_what_it_waits_for(monkeypatch, capsys):
+    """The rendezvous can wait up to the timeout for peers: the wait is announced first."""
+    calls = []
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda *a, **k: calls.append(k))
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("MASTER_PORT", "29571")
+    env = distributed.DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2)
+    assert distributed.init(env, "cpu", timeout_s=60) == torch.device("cpu")
+    assert calls and calls[0]["world_size"] == 2
+    assert capsys.readouterr().err == ("rank 1 of 2: waiting for all 2 processes at "
+                                       "10.0.0.7:29571 (up to 60 s)\n")
 
 
 def test_cli_refuses_what_cannot_run_on_several_processes(tmp_path, monkeypatch, capsys):

@@ -20,6 +20,7 @@ How a run stays identical on every rank (see ``docs/scaling.md``):
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,7 +61,9 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv | None:
     except ValueError:
         raise ConfigError("WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE must be whole "
                           "numbers (start multi-process training with torchrun)") from None
-    if world <= 1:
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE must be at least 1, got {world}")
+    if world == 1:
         return None
     if not (0 <= rank < world and 0 <= local < local_world <= world):
         raise ConfigError(f"inconsistent torchrun environment: RANK={rank} LOCAL_RANK={local} "
@@ -88,6 +91,9 @@ def init(env: DistEnv, device: str | torch.device,
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise ConfigError(f"{var} is not set: start multi-process training with torchrun")
+    print(f"rank {env.rank} of {env.world_size}: waiting for all {env.world_size} processes at "
+          f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (up to {timeout_s:.0f} s)",
+          file=sys.stderr, flush=True)
     dist.init_process_group(dist.get_default_backend_for_device(device),
                             init_method="env://", rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s))
