@@ -212,6 +212,19 @@ def test_bad_quantization_metadata_is_a_clear_error(tiny_cfg, tmp_path, value, m
             read(tmp_path / "q.safetensors")
 
 
+def test_architecture_errors_name_the_file_and_a_missing_task_embedding(fp16_ckpt, tmp_path):
+    raw, _ = read_state_dict(fp16_ckpt)
+    torch.save({k: v for k, v in raw.items() if k != "_task_emb.weight"}, tmp_path / "noemb.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'noemb.pt'}: state dict "
+                       "fits no TD-MPC2 architecture: its layers read a 96-value task "
+                       "embedding, but _task_emb.weight is missing")):
+        load_world_model(tmp_path / "noemb.pt")
+    torch.save({"a.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'other.pt'}: state dict "
+                                                        "fits no TD-MPC2 architecture")):
+        load_world_model(tmp_path / "other.pt")
+
+
 def test_wrong_shapes_and_nan_weights(fp16_ckpt, tmp_path):
     raw, _ = read_state_dict(fp16_ckpt)
     bad = dict(raw)

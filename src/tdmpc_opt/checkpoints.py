@@ -252,6 +252,10 @@ def infer_model_config(state: dict[str, torch.Tensor], tasks: tuple[str, ...] | 
     num_bins = _shape(state, "_reward.2.weight", 2)[0]
     action_dim = dyn_in - latent_dim - task_dim
     obs_dim = enc_in - task_dim
+    extra = _shape(state, "_pi.0.weight", 2)[1] - latent_dim - task_dim  # the policy reads [z, e]
+    if extra > 0 and not task_dim:
+        raise CheckpointError(f"state dict fits no TD-MPC2 architecture: its layers read a "
+                              f"{extra}-value task embedding, but _task_emb.weight is missing")
     if action_dim <= 0 or obs_dim <= 0 or enc_layers < 2:
         raise CheckpointError("state dict fits no TD-MPC2 architecture (layer sizes disagree)")
     if tasks is None:
@@ -316,13 +320,18 @@ def load_world_model(path: str | Path, device="cpu", tasks: tuple[str, ...] | No
     path = Path(path)
     state, meta = read_state_dict(path)
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values()})
-    if meta.get("format") == FORMAT:
-        state, cfg = _decode_own(state, meta, tasks, overrides)
-    else:
-        state = dequantize_state(migrate_official_keys(state))
-        cfg = infer_model_config(state, tasks, **overrides)
-    check_finite(state)
-    model = build_model(state, cfg, device)
+    try:
+        if meta.get("format") == FORMAT:
+            state, cfg = _decode_own(state, meta, tasks, overrides)
+        else:
+            state = dequantize_state(migrate_official_keys(state))
+            cfg = infer_model_config(state, tasks, **overrides)
+        check_finite(state)
+        model = build_model(state, cfg, device)
+    except CheckpointError as e:  # name the file in every message
+        if str(e).startswith(str(path)):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
     info = dict(meta, sha256=file_sha256(path), source_dtypes=dtypes,
                 source_format="tdmpc-opt" if meta.get("format") == FORMAT else "torch")
     return model, info
