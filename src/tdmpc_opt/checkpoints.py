@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -154,7 +155,9 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError  # torch.load reads *.safetensors names with it
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on old formats: the error line says it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load: the file asks to build objects other "
                               f"than tensors, which could run code ({_unpickling_reason(e)})"
