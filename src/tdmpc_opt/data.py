@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pickle
 import shutil
+import tempfile
 import tokenize
 import zipfile
 from pathlib import Path
@@ -43,12 +45,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdmpc_opt.errors import DataError
+from tdmpc_opt.errors import ConfigError, DataError, OutputError
 
 FORMAT = "tdmpc-opt-dataset"
 VERSION = 1
 _HEADER_BYTES = 128
 _REQUIRED = ("obs", "action", "reward", "task")
+_FILES = ("meta.json", "obs.npy", "action.npy", "reward.npy", "episodes.npy", "terminated.npy")
+"""Every file a dataset directory may hold."""
 
 
 # ----------------------------------------------------------------- published (TensorDict)
@@ -195,16 +199,25 @@ class DatasetWriter:
         tasks: task names; episode task ids index this list.
         obs_dim, action_dim: row sizes (padded sizes for multi-task data).
         terminated: also store per-step termination flags.
+        overwrite: replace an existing empty folder or dataset at ``path`` (see
+            :func:`check_output`); the old one is removed only once the new one is complete.
+
+    Raises:
+        DataError, OutputError: as :func:`check_output`.
     """
 
     def __init__(self, path: str | Path, tasks: tuple[str, ...], obs_dim: int, action_dim: int,
                  terminated: bool = False, overwrite: bool = False, source: str = ""):
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise DataError(f"{self.path}: already exists; choose a new output directory")
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        check_output(self.path, overwrite)
+        full = Path(os.path.abspath(self.path))  # "a/b/.." has no name to derive siblings from
+        self.tmp = full.with_name(f".{full.name}.partial")
+        self.old = full.with_name(f".{full.name}.replaced")
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(e.errno, e.strerror, str(self.tmp)) from None
         self.tasks, self.obs_dim, self.action_dim = tuple(tasks), obs_dim, action_dim
         self.source = source
         self.arrays = {"obs": _NpyAppender(self.tmp / "obs.npy", np.float32, (obs_dim,)),
@@ -269,9 +282,18 @@ class DatasetWriter:
                 "episodes_per_task": [int(c) for c in counts],
                 "has_terminated": "terminated" in self.arrays, "source": self.source}
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.tmp.rename(self.path)
+        replacing = self.path.exists()
+        if replacing:  # set the old dataset aside, put the new one in place, then delete the old
+            shutil.rmtree(self.old, ignore_errors=True)  # left by an interrupted replacement
+            self.path.rename(self.old)
+        try:
+            self.tmp.rename(self.path)
+        except BaseException:
+            if replacing:
+                self.old.rename(self.path)
+            raise
+        if replacing:
+            shutil.rmtree(self.old)
         return Dataset(self.path)
 
     def abort(self) -> None:
@@ -286,6 +308,58 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def check_output(path: str | Path, overwrite: bool = False, inputs=()) -> None:
+    """Refuse, before any work, an output dataset directory that is or holds one of ``inputs``,
+    that exists (without ``overwrite``; with it, unless it is an empty folder or a tdmpc-opt
+    dataset, and not the current folder or one above it), or that cannot be created.
+
+    Raises:
+        DataError: the output is refused; the message says why.
+        OutputError: no folder can be created there.
+    """
+    path = Path(path)
+    full = path.resolve()
+    for item in map(Path, inputs):
+        src = item.resolve()
+        if full == src or full in src.parents:
+            raise DataError(f"{path}: {'is' if full == src else 'holds'} the input {item}; "
+                            "choose an output directory apart from the inputs")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise DataError(f"{path}: already exists; choose a new output directory "
+                            "(--overwrite replaces an empty folder or a dataset)")
+        here = Path.cwd().resolve()
+        if full == here or full in here.parents:
+            raise DataError(f"{path}: the current folder or one above it; --overwrite replaces "
+                            "only a dataset directory")
+        if path.is_symlink() or not path.is_dir():
+            raise DataError(f"{path}: not a folder but a file or a link; --overwrite replaces "
+                            "only a dataset directory")
+        extra = sorted(p.name for p in path.iterdir() if p.name not in _FILES)
+        if extra or (any(path.iterdir()) and not _is_dataset(path)):
+            why = f"it holds {extra[0]}" if extra else "its meta.json is not a dataset's"
+            raise DataError(f"{path}: not a tdmpc-opt dataset ({why}); --overwrite replaces "
+                            "only an empty folder or a dataset, choose another output directory")
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():
+        parent = parent.parent
+    try:  # the one sure test that folders can be made there: make one
+        Path(tempfile.mkdtemp(prefix=".tdmpc-opt-probe-", dir=parent)).rmdir()
+    except OSError as e:
+        raise OutputError(e.errno, f"{e.strerror} (cannot create a folder in {parent})",
+                          str(path)) from None
+
+
+def _is_dataset(path: Path) -> bool:
+    """Whether ``path`` holds a ``meta.json`` of our format (the rest is not checked, so that a
+    damaged dataset can still be replaced)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _check_finite(x: np.ndarray, name: str, where: str, first: int) -> None:
@@ -433,11 +507,18 @@ def convert_official(files: list[Path], out: str | Path, tasks: tuple[str, ...],
 
     ``progress(episodes_done)`` is called after each chunk. RAM use is about ``chunk``
     episodes, whatever the file sizes. Every file's recorded CRC-32s are checked first.
+    ``out`` is checked before any file is read (:func:`check_output`).
     Raises:
-        DataError: unreadable input, inconsistent sizes, bad task ids, NaN values.
+        DataError: unreadable input, inconsistent sizes, bad task ids, NaN values, refused
+            output.
+        OutputError: no folder can be created at ``out``.
+        ConfigError: ``chunk`` is not a whole number >= 1.
     """
     if not files:
         raise DataError("no dataset files given")
+    if not _is_int(chunk, 1):
+        raise ConfigError(f"chunk must be a whole number >= 1, got {chunk!r}")
+    check_output(out, overwrite, files)
     sources = [(Path(f), read_official(f, verify=True)) for f in files]
     obs_dim, action_dim = (int(sources[0][1][k].shape[2]) for k in ("obs", "action"))
     for f, arrs in sources:

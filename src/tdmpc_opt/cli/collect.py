@@ -25,6 +25,9 @@ from __future__ import annotations
 
 NAME = "collect"
 HELP = "roll an agent out and write its episodes in the dataset format"
+INTERRUPTED = ("interrupted; nothing was written: the episodes collected so far are removed and "
+               "a dataset that --overwrite was replacing is kept as it was; run the command "
+               "again to collect from the start")
 
 
 def add_arguments(p):
@@ -34,7 +37,7 @@ def add_arguments(p):
     p.add_argument("--tasks", required=True, help="task names (comma-separated) or a task set")
     p.add_argument("--episodes", type=positive_int, required=True, help="episodes per task")
     p.add_argument("--out", required=True, type=output_dir,
-                   help="output dataset directory (must not exist)")
+                   help="output dataset directory (must not exist unless --overwrite)")
     p.add_argument("--policy", action="store_true", help="act with the policy prior, no MPPI")
     p.add_argument("--explore", action="store_true",
                    help="act as in training (planner noise / policy samples) instead of eval")
@@ -46,7 +49,8 @@ def add_arguments(p):
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="cut episodes after this many agent steps (default: full length)")
     add_backend_arguments(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that is an empty folder or a dataset")
 
 
 class EpisodeWriter:
@@ -147,10 +151,11 @@ def run(args) -> int:
     from tdmpc_opt.backends import cached_agent
     from tdmpc_opt.cli._common import check_backend_options
     from tdmpc_opt.config import PlannerConfig
-    from tdmpc_opt.data import DatasetWriter
+    from tdmpc_opt.data import DatasetWriter, check_output
     from tdmpc_opt.errors import CheckpointError, TaskError
     from tdmpc_opt.tasks import resolve_tasks
 
+    check_output(args.out, args.overwrite)
     check_backend_options(args.backend, args.ray_address)
     ckpt = Path(args.checkpoint)
     if ckpt.is_dir():
@@ -164,8 +169,10 @@ def run(args) -> int:
     names = cfg.tasks if cfg.multitask else (cfg.tasks or tasks[:1])
     unknown = [t for t in tasks if t not in names]
     if unknown:
-        raise TaskError(f"the model was not trained on {', '.join(unknown)} "
-                        f"(its tasks: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})")
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise TaskError(f"the model was not trained on {', '.join(unknown[:3])}{more} (its "
+                        f"tasks: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; "
+                        f"`tdmpc-opt info {args.checkpoint}` lists them)")
     returns: dict[str, list[float]] = {}
     with DatasetWriter(args.out, tuple(names), cfg.obs_dim, cfg.action_dim,
                        overwrite=args.overwrite, source=f"collected with {ckpt.name}") as w:

@@ -18,20 +18,25 @@ import json
 
 NAME = "data"
 HELP = "convert TD-MPC2 dataset files to tdmpc-opt's format; describe a dataset"
+INTERRUPTED = ("interrupted; nothing was written: the partial output is removed and a dataset "
+               "that --overwrite was replacing is kept as it was; run the command again to "
+               "convert from the start")
 
 
 def add_arguments(p):
-    from tdmpc_opt.cli._common import output_dir
+    from tdmpc_opt.cli._common import output_dir, positive_int
 
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     c = sub.add_parser("convert", help="convert published .pt dataset files")
     c.add_argument("inputs", nargs="+", help=".pt files, or directories holding them")
     c.add_argument("--out", required=True, type=output_dir,
-                   help="output directory (must not exist)")
+                   help="output directory (must not exist unless --overwrite)")
     c.add_argument("--tasks", default="mt30",
                    help="task set the files' task ids index: mt30 (default), mt80 or names")
-    c.add_argument("--chunk", type=int, default=1024, help="episodes converted at a time")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    c.add_argument("--chunk", type=positive_int, default=1024,
+                   help="episodes converted at a time")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that is an empty folder or a dataset")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="describe a tdmpc-opt dataset directory")
     i.add_argument("path", help="dataset directory")
@@ -74,10 +79,11 @@ def run(args) -> int:
         return 0
     from tqdm import tqdm
 
-    from tdmpc_opt.data import read_official
+    from tdmpc_opt.data import check_output, read_official
     from tdmpc_opt.tasks import resolve_tasks
 
     files = _inputs(args.inputs)
+    check_output(args.out, args.overwrite, [*args.inputs, *files])
     tasks = resolve_tasks(args.tasks)
     total = sum(int(read_official(f)["obs"].shape[0]) for f in files)
     with tqdm(total=total, unit="ep", disable=args.quiet, desc="convert") as bar:
