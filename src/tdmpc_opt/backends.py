@@ -31,15 +31,22 @@ steps, at most ``batch_size`` episodes, enough that every worker gets one; the l
 first. Results reach ``on_result`` as each chunk finishes; an episode seen twice (a retried
 chunk whose first attempt also reported) is counted once.
 
+Ctrl-C (or any error in the driver) stops local worker processes at once: they ignore SIGINT
+themselves (no traceback of theirs), and the driver terminates them, then kills any left.
+
 Fault injection (tests): ``TDMPC_OPT_FAULT_INJECT=CHUNK:MARKER`` makes the first attempt of
-chunk CHUNK create the file MARKER, run half its episodes and kill its worker process.
+chunk CHUNK create the file MARKER, run half its episodes and kill its worker process. The
+file is how a retry, in another process, knows it is not the first attempt; any other value
+is refused with a ConfigError.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -107,7 +114,8 @@ def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[Epi
             noise, whole episodes in the results). ``on_result`` may drop a result's
             trajectory (set it to None) once it has used it, to free the memory.
     Raises:
-        ConfigError: unknown backend, bad worker count, Ray missing or unreachable.
+        ConfigError: unknown backend, bad worker count, Ray missing or unreachable, a bad
+            ``TDMPC_OPT_FAULT_INJECT``.
         TdmpcError: a chunk failed ``max_retries + 1`` times.
     """
     if backend not in BACKENDS:
@@ -119,8 +127,8 @@ def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[Epi
     stds = action_noise if isinstance(action_noise, (tuple, list)) else (action_noise,)
     if not stds or not all(math.isfinite(s) and s >= 0 for s in stds):
         raise ConfigError(f"action noise must be >= 0, got {action_noise}")
-    job = _Job(planner, batch_size, max_steps, device, threads, os.environ.get(FAULT_ENV),
-               eval_mode, action_noise, trajectories)
+    job = _Job(planner, batch_size, max_steps, device, threads, _fault_setting(), eval_mode,
+               action_noise, trajectories)
     collector = _Collector(on_result, on_step)
     if not specs:
         return []
@@ -232,12 +240,24 @@ def run_chunk(path: str, job: _Job, index: int, specs: list[EpisodeSpec]) -> lis
     return job.run(agent, specs)
 
 
+def _fault_setting() -> str | None:
+    """``TDMPC_OPT_FAULT_INJECT`` (None if unset or empty), checked in the driver: a bad value
+    is a ConfigError here, not a traceback in a worker."""
+    fault = os.environ.get(FAULT_ENV) or None
+    if fault is not None:
+        chunk, _, marker = fault.partition(":")
+        if not chunk.isdecimal() or not marker:
+            raise ConfigError(f"{FAULT_ENV} must be CHUNK:MARKER (a chunk number and a file "
+                              f"to create), got {fault!r}")
+    return fault
+
+
 def _maybe_fail(fault: str | None, index: int, run, specs: list[EpisodeSpec]) -> None:
     """Fault injection: on the first attempt of the chosen chunk, run half of it and die."""
     if not fault:
         return
     chunk, _, marker = fault.partition(":")
-    if int(chunk) != index or not marker:
+    if int(chunk) != index:
         return
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -251,16 +271,18 @@ def _maybe_fail(fault: str | None, index: int, run, specs: list[EpisodeSpec]) ->
 
 def _run_processes(path: str, job: _Job, specs: list[EpisodeSpec], workers: int,
                    max_retries: int, collector: _Collector) -> None:
-    """Chunks on a pool of spawned processes; a broken pool is rebuilt for unfinished chunks."""
+    """Chunks on a pool of spawned processes; a broken pool is rebuilt for unfinished chunks.
+    On Ctrl-C or any other error here the workers are stopped before it propagates."""
     import multiprocessing
 
     made = make_chunks(specs, job.batch_size, workers, job.max_steps)
     chunks = {i: made[i] for i in _longest_first(made, job.max_steps)}
     for attempt in range(max_retries + 1):
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
-            futures = {pool.submit(run_chunk, path, job, i, c): i for i, c in chunks.items()}
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx,
+                                 initializer=_quiet_worker) as pool:
             try:
+                futures = {pool.submit(run_chunk, path, job, i, c): i for i, c in chunks.items()}
                 while futures:
                     done, _ = wait(futures, return_when=FIRST_COMPLETED)
                     for fut in done:
@@ -271,10 +293,33 @@ def _run_processes(path: str, job: _Job, specs: list[EpisodeSpec], workers: int,
                     raise TdmpcError(f"a worker process died {max_retries + 1} times; "
                                      f"{len(chunks)} chunks unfinished") from e
             except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
+                _stop_workers(pool)
                 raise
         if not chunks:
             return
+
+
+def _quiet_worker() -> None:
+    """Worker initializer: Ctrl-C is the driver's to handle (it stops the workers), and GLFW's
+    no-display warning is ignored, as the CLI does."""
+    import warnings
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.filterwarnings("ignore", category=UserWarning, module="glfw")
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 3.0) -> None:
+    """Stop ``pool``'s workers now: terminate them, wait up to ``grace_s``, kill the rest."""
+    procs = list((pool._processes or {}).values())  # no public handle before Python 3.14
+    for proc in procs:
+        proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 # ------------------------------------------------------------------------------- Ray

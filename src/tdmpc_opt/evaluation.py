@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -91,7 +91,13 @@ def episode_seed(seed: int, task: str, episode: int) -> int:
 
 def episode_specs(tasks: Iterable[str], episodes: int, seed: int) -> list[EpisodeSpec]:
     """All episodes of a run, task-major."""
-    return [EpisodeSpec(t, i, episode_seed(seed, t, i)) for t in tasks for i in range(episodes)]
+    return list(iter_episode_specs(tasks, episodes, seed))
+
+
+def iter_episode_specs(tasks: Iterable[str], episodes: int, seed: int) -> Iterator[EpisodeSpec]:
+    """The episodes of :func:`episode_specs`, made one at a time (any number in bounded
+    memory)."""
+    return (EpisodeSpec(t, i, episode_seed(seed, t, i)) for t in tasks for i in range(episodes))
 
 
 def noise_for_episode(action_noise: float | tuple[float, ...], episode: int) -> float:

@@ -3,9 +3,12 @@
 Episodes of all asked tasks run together, --batch-size at a time, and every episode has its
 own seed, so results do not depend on the batch size. With --json, each finished episode is
 appended to OUT.json.episodes.jsonl at once: an interrupted evaluation started again with the
-same arguments skips the episodes it already finished. An OUT.json that holds the results of an
-evaluation with other settings (checkpoint, precision, seed, --max-steps, planner) is refused,
-never overwritten: choose another --json, or delete it to start over.
+same arguments skips the episodes it already finished (a line cut short by a crash is skipped
+with a warning); with more --episodes it adds the missing ones, with fewer it reports the first.
+An OUT.json that holds the results of an evaluation with other settings (checkpoint, precision,
+seed, tasks, --max-steps, planner), or is no result of this command, is refused, never
+overwritten: choose another --json, or delete it to start over. Ctrl-C keeps every finished
+episode (worker processes are stopped at once).
 
 Examples:
   tdmpc-opt eval --checkpoint ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt \\
@@ -24,7 +27,10 @@ local Ray instance (needs the ray extra: pip install 'tdmpc-opt[ray]'). See docs
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +38,12 @@ from tdmpc_opt.cli._common import add_backend_arguments, output_dir, output_file
 
 NAME = "eval"
 HELP = "evaluate a checkpoint on tasks (batched planning, normalized score)"
+
+_BLOCK = 4096
+"""Episodes handed to the backend at a time: memory stays bounded for any --episodes."""
+
+_RESULT_KEYS = ("tasks", "normalized_score", "checkpoint_sha256", "planner", "episode_seeds")
+"""Keys every results file of this command has."""
 
 
 def add_arguments(p):
@@ -89,20 +101,24 @@ def check_tasks(agent, tasks: tuple[str, ...]) -> None:
                             f"makes {cfg.action_dim}")
 
 
-def _identity(args, agent, planner) -> dict:
+def _identity(args, agent, planner, tasks) -> dict:
+    """What decides which episodes a run plays and how: runs that differ in it never share a
+    --json. The episode count is not part of it: more episodes resume, fewer report the first."""
     from tdmpc_opt.config import config_to_dict
 
     return {"checkpoint_sha256": agent.info.get("sha256"), "runtime": agent.precision,
-            "seed": args.seed,
+            "seed": args.seed, "task_names": list(tasks),
             "max_steps": args.max_steps, "planner": config_to_dict(planner)}
 
 
 def _differing(identity: dict, other: dict) -> list[str]:
-    """Keys of ``identity`` that ``other`` (an earlier run's) records with another value."""
-    return [k for k, v in identity.items() if k in other and other[k] != v]
+    """Keys of ``identity`` that ``other`` (an earlier run's) records with another value, or
+    not at all."""
+    return [k for k, v in identity.items() if other.get(k) != v]
 
 
 def _other_settings(path: Path, what: str, differing: list[str]):
+    """The error refusing ``path``, which holds ``what`` of a run with other settings."""
     from tdmpc_opt.errors import ConfigError
 
     return ConfigError(f"{path} holds {what} of an evaluation with other settings "
@@ -110,39 +126,95 @@ def _other_settings(path: Path, what: str, differing: list[str]):
                        "over")
 
 
-def _load_finished(path: Path, identity: dict) -> dict:
-    """Finished episodes of an earlier run with the same identity, keyed by (task, episode);
-    finished episodes of a run with another identity are refused, never overwritten."""
+def _not_ours(path: Path, what: str):
+    """The error refusing ``path``, which is not ``what`` of this command."""
+    from tdmpc_opt.errors import ConfigError
+
+    return ConfigError(f"{path} exists and is not {what} of tdmpc-opt eval; choose another "
+                       "--json, or delete it")
+
+
+def _earlier_results(path: Path) -> dict | None:
+    """The results an earlier evaluation wrote at ``path`` (None if there is no file); any
+    other file there is refused, never overwritten."""
+    if not path.exists():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+    except ValueError:
+        earlier = None
+    if not isinstance(earlier, dict) or not all(k in earlier for k in _RESULT_KEYS):
+        raise _not_ours(path, "the results")
+    return earlier
+
+
+def _load_finished(log: Path, identity: dict) -> dict:
+    """Finished episodes of an earlier run with the same identity, keyed by (task, episode).
+
+    Unreadable lines (one torn by a crash mid-write) are skipped with one warning: their
+    episodes run again. Finished episodes of a run with another identity, or a file that is
+    no episode log, are refused, never overwritten.
+    """
     from tdmpc_opt.evaluation import EpisodeResult
 
-    if not path.exists():
+    if not log.exists():
         return {}
-    done = {}
-    lines = path.read_text().splitlines()
+    lines = log.read_text(errors="replace").splitlines()
+    if not lines:
+        return {}
     try:
-        head = json.loads(lines[0]).get("identity", {}) if lines else {}
-        if head != identity:
-            if len(lines) > 1 and _differing(identity, head):
-                raise _other_settings(path, f"{len(lines) - 1} finished episode(s)",
-                                      _differing(identity, head))
-            return {}
-        for line in lines[1:]:
+        head = json.loads(lines[0])["identity"]
+    except (ValueError, TypeError, KeyError):
+        head = None
+    if not isinstance(head, dict):
+        raise _not_ours(log, "an episode log")
+    if _differing(identity, head):
+        if len(lines) > 1:
+            raise _other_settings(log, f"{len(lines) - 1} finished episode(s)",
+                                  _differing(identity, head))
+        return {}
+    done, unreadable = {}, 0
+    for line in lines[1:]:
+        try:
             res = EpisodeResult(**json.loads(line))
-            done[(res.task, res.episode)] = res
-    except (json.JSONDecodeError, TypeError, AttributeError):
-        pass  # a torn last line: keep what parsed (an unreadable head: nothing to resume)
+        except (ValueError, TypeError):
+            unreadable += 1
+            continue
+        done[(res.task, res.episode)] = res
+    if unreadable:
+        print(f"warning: skipped {unreadable} unreadable line(s) of {log} (a write cut short); "
+              "episodes missing from it run again", file=sys.stderr)
     return done
 
 
-def _refuse_other_results(result: Path, identity: dict) -> None:
-    """Refuse to overwrite ``--json`` results of an evaluation with other settings (another
-    checkpoint, runtime, seed, step limit or planner)."""
+def _open_log(log: Path, identity: dict, fresh: bool) -> None:
+    """Start ``log`` with the run's identity when ``fresh``; else make sure the next episode
+    appended starts on a line of its own (after a last line torn by a crash)."""
+    from tdmpc_opt.checkpoints import atomic_write
+
+    if fresh:
+        head = json.dumps({"identity": identity}) + "\n"
+        atomic_write(log, lambda tmp: Path(tmp).write_text(head))
+        return
+    with open(log, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        torn = f.read(1) != b"\n"
+    if torn:
+        with open(log, "a") as f:
+            f.write("\n")
+
+
+def _check_folder(folder: str) -> None:
+    """Create ``folder`` and check that a file can be written in it, before any episode runs."""
+    import tempfile
+
+    from tdmpc_opt.errors import OutputError
+
     try:
-        earlier = json.loads(result.read_text()) if result.exists() else {}
-    except (OSError, ValueError):
-        return  # unreadable: nothing to lose
-    if isinstance(earlier, dict) and _differing(identity, earlier):
-        raise _other_settings(result, "the results", _differing(identity, earlier))
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise OutputError(e.errno, e.strerror, folder) from None
 
 
 def run(args) -> int:
@@ -150,11 +222,12 @@ def run(args) -> int:
 
     from tdmpc_opt.cli._common import write_json
     from tdmpc_opt.config import PlannerConfig, apply_overrides
-    from tdmpc_opt.evaluation import episode_specs, result_to_dict, summarize
+    from tdmpc_opt.evaluation import iter_episode_specs, result_to_dict, summarize
     from tdmpc_opt.tasks import resolve_tasks
 
     in_process = args.backend == "local" and (args.workers or 1) == 1
     _check_backend(args, in_process)
+    earlier = _earlier_results(Path(args.json)) if args.json else None
     if args.threads and in_process:
         torch.set_num_threads(args.threads)
     planner = apply_overrides(PlannerConfig(mpc=args.planner == "mppi"), args.overrides)
@@ -171,42 +244,56 @@ def run(args) -> int:
 
         raise TaskError("the checkpoint does not name its task: pass --tasks")
     check_tasks(agent, tasks)
-    if args.video:
-        import os
-
-        os.environ.setdefault("MUJOCO_GL", "egl")
-    specs = episode_specs(tasks, args.episodes, args.seed)
-    identity = _identity(args, agent, planner)
+    identity = _identity(args, agent, planner, tasks)
     log = Path(args.json + ".episodes.jsonl") if args.json else None
     done = _load_finished(log, identity) if log else {}
+    if earlier is not None and _differing(identity, earlier):
+        raise _other_settings(Path(args.json), "the results", _differing(identity, earlier))
+    finished = {k: res for k, res in done.items() if k[1] < args.episodes}
+    if args.video:
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        _check_folder(args.video)
     if log:
-        _refuse_other_results(Path(args.json), identity)
-    todo = [s for s in specs if (s.task, s.episode) not in done]
-    if log and not done:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(json.dumps({"identity": identity}) + "\n")
-    if done:
-        print(f"resuming: {len(done)} of {len(specs)} episodes already finished")
+        _open_log(log, identity, fresh=not done)
+    if finished:
+        beyond = len(done) - len(finished)
+        print(f"resuming: {len(finished)} of {len(tasks) * args.episodes} episodes already "
+              "finished" + (f" ({beyond} more in {log}, beyond --episodes, not reported)"
+                            if beyond else ""))
 
     def on_result(res):
         if log:
             with open(log, "a") as f:
                 f.write(json.dumps(result_to_dict(res)) + "\n")
 
+    todo = (s for s in iter_episode_specs(tasks, args.episodes, args.seed)
+            if (s.task, s.episode) not in done)
     start = time.perf_counter()
-    steps = _run_with_progress(agent if in_process else planner, todo, args, on_result)
+    steps = _run_with_progress(agent if in_process else planner, todo,
+                               _steps_left(tasks, args, finished), args, on_result)
     elapsed = time.perf_counter() - start
-    results = list(done.values()) + steps
-    summary = summarize(results, tasks)
-    _print_table(summary)
-    if args.json:
+    summary = summarize(list(finished.values()) + steps, tasks)
+    if args.json:  # before the table: a closed stdout (``| head``) loses nothing
         out = dict(summary, **identity, checkpoint=str(args.checkpoint), episodes=args.episodes,
                    batch_size=args.batch_size, backend=args.backend, workers=args.workers,
                    elapsed_s=round(elapsed, 2),
                    episode_seeds={t: v["seeds"] for t, v in summary["tasks"].items()})
         write_json(args.json, out)
+    _print_table(summary)
+    if args.json:
         print(f"wrote {args.json}")
     return 0
+
+
+def _steps_left(tasks, args, finished: dict) -> int:
+    """Agent steps of the episodes still to run, at most (the progress bar's total)."""
+    from collections import Counter
+
+    from tdmpc_opt.tasks import get_task
+
+    done_per_task = Counter(task for task, _ in finished)
+    return sum(min(args.max_steps or 10**9, get_task(t).episode_length)
+               * (args.episodes - done_per_task[t]) for t in tasks)
 
 
 def _check_backend(args, in_process: bool) -> None:
@@ -219,17 +306,16 @@ def _check_backend(args, in_process: bool) -> None:
     check_backend_options(args.backend, args.ray_address)
 
 
-def _run_with_progress(agent, todo, args, on_result):
-    """Run ``todo`` with a progress bar: in this process when ``agent`` is an Agent, else on
+def _run_with_progress(agent, todo, total: int, args, on_result):
+    """Run the episodes of the iterator ``todo`` (``total`` agent steps at most) with a
+    progress bar, ``_BLOCK`` at a time: in this process when ``agent`` is an Agent, else on
     ``args.backend`` with ``agent`` the PlannerConfig that the workers plan with."""
     from tqdm import tqdm
 
     from tdmpc_opt.config import PlannerConfig
     from tdmpc_opt.evaluation import run_episodes, write_video
-    from tdmpc_opt.tasks import get_task
 
-    total = sum(min(args.max_steps or 10**9, get_task(s.task).episode_length) for s in todo)
-    bar = tqdm(total=total, unit="step", disable=args.quiet or not todo, desc="eval")
+    bar = tqdm(total=total, unit="step", disable=args.quiet or not total, desc="eval")
     seen_video = set()
 
     def record(spec):
@@ -241,20 +327,26 @@ def _run_with_progress(agent, todo, args, on_result):
     def on_video(spec, frames):
         write_video(Path(args.video) / f"{spec.task}.mp4", frames)
 
-    try:
+    def run_block(block):
         if isinstance(agent, PlannerConfig):
             from tdmpc_opt.backends import run_rollouts
 
-            return run_rollouts(args.checkpoint, agent, todo,
+            return run_rollouts(args.checkpoint, agent, block,
                                 backend=args.backend, workers=args.workers,
                                 batch_size=args.batch_size, max_steps=args.max_steps,
                                 ray_address=args.ray_address, on_result=on_result,
                                 on_step=bar.update, device=args.device,
                                 threads=args.threads or 1)
-        return run_episodes(agent, todo, args.batch_size, args.max_steps, True, on_result,
+        return run_episodes(agent, block, args.batch_size, args.max_steps, True, on_result,
                             bar.update, record, on_video)
+
+    results = []
+    try:
+        while block := list(itertools.islice(todo, _BLOCK)):
+            results += run_block(block)
     finally:
         bar.close()
+    return results
 
 
 def _print_table(summary: dict) -> None:
