@@ -34,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from tdmpc_opt.cli._common import add_backend_arguments, output_dir, output_file, positive_int
+from tdmpc_opt.cli._common import (add_backend_arguments, output_dir, output_file, positive_int,
+                                   thread_count)
 
 NAME = "eval"
 HELP = "evaluate a checkpoint on tasks (batched planning, normalized score)"
@@ -69,7 +70,7 @@ def add_arguments(p):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the planner (the first plan of each batch size "
                         "compiles, ~2.5 minutes on 2 cores; cached on disk)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    p.add_argument("--threads", type=thread_count, default=None, help="torch threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     add_backend_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
