@@ -34,8 +34,13 @@ import sys
 import time
 from pathlib import Path
 
-from tdmpc_opt.cli._common import (add_backend_arguments, output_dir, output_file, positive_int,
-                                   thread_count)
+from tdmpc_opt.cli._common import (
+    add_backend_arguments,
+    output_dir,
+    output_file,
+    positive_int,
+    thread_count,
+)
 
 NAME = "eval"
 HELP = "evaluate a checkpoint on tasks (batched planning, normalized score)"
