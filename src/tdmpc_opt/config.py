@@ -97,8 +97,19 @@ class ModelConfig:
             raise ConfigError("num_q must be at least 2 (two members are sampled for values)")
         if self.multitask and len(self.action_dims) != len(self.tasks):
             raise ConfigError("action_dims must list one size per task")
+        if self.task_dim < 0:
+            raise ConfigError(f"task_dim must be >= 0 (0: single task), got {self.task_dim}")
+        if not all(0 < d <= self.action_dim for d in self.action_dims):
+            raise ConfigError(f"action_dims must lie in [1, action_dim={self.action_dim}], got "
+                              f"{self.action_dims}")
+        if not all(n > 0 for n in self.episode_lengths):
+            raise ConfigError(f"episode_lengths must be positive, got {self.episode_lengths}")
         if self.num_bins < 0 or self.vmax <= self.vmin:
             raise ConfigError("need num_bins >= 0 and vmax > vmin")
+        if self.log_std_min >= self.log_std_max:
+            raise ConfigError("need log_std_min < log_std_max")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         return self
 
 
@@ -131,14 +142,45 @@ class PlannerConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"planner {name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.num_pi_trajs < self.num_samples:
-            raise ConfigError("num_pi_trajs must be in [0, num_samples)")
+            raise ConfigError(f"num_pi_trajs must be in [0, num_samples), got {self.num_pi_trajs}"
+                              f" with num_samples={self.num_samples}")
         if self.num_elites > self.num_samples:
-            raise ConfigError("num_elites must not exceed num_samples")
+            raise ConfigError(f"num_elites must not exceed num_samples, got {self.num_elites} "
+                              f"with num_samples={self.num_samples}")
         if not 0 < self.min_std <= self.max_std < math.inf:
             raise ConfigError("need 0 < min_std <= max_std, both finite")
-        if not math.isfinite(self.temperature):
-            raise ConfigError(f"planner temperature must be finite, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ConfigError(f"planner temperature must be finite and >= 0, got "
+                              f"{self.temperature}")
         return self
+
+
+TASK_FIELDS = ("tasks", "obs_dim", "action_dim", "action_dims", "episode_lengths")
+"""ModelConfig fields that follow from the task list (:func:`model_config_for`); commands that
+build a model from tasks refuse them as overrides."""
+
+MAX_THREADS = 256
+"""Most torch intra-op threads a command or setting accepts: more than any machine it runs on
+has cores, and far below what crashes PyTorch's thread pool (100000 threads segfault)."""
+
+SEED_LIMIT = 2**32
+"""Seeds lie in ``[0, SEED_LIMIT)``, the range numpy, torch and MuJoCo's environments all take."""
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """Refuse a seed outside ``[0, 2**32)``; returns ``seed``."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{name} must be in [0, 2**32), got {seed}")
+    return seed
+
+
+def check_not_derived(overrides: typing.Iterable[str], source: str) -> None:
+    """Refuse ``key=value`` items that set a :data:`TASK_FIELDS` field; ``source`` names where
+    the command takes its tasks from (e.g. ``--tasks``)."""
+    keys = sorted({item.partition("=")[0].strip() for item in overrides} & set(TASK_FIELDS))
+    if keys:
+        raise ConfigError(f"cannot set {', '.join(keys)} with key=value: the task list and "
+                          f"the sizes derived from it come from {source}")
 
 
 def task_dim_for(size: int | None, task_set: str | None) -> int:
@@ -194,7 +236,10 @@ def _coerce(value: str, annotation: str, key: str):
                 return False
             raise ValueError(value)
         if ann == "int":
-            return int(value.replace("_", ""))
+            number = int(value.replace("_", ""))
+            if not -2**63 <= number < 2**63:
+                raise ConfigError(f"{key}={value!r}: out of range (more than 64 bits)")
+            return number
         if ann == "float":
             number = float(value)
             if not math.isfinite(number):

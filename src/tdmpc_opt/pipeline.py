@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tdmpc_opt.config import MAX_THREADS
 from tdmpc_opt.errors import ConfigError, TdmpcError
 
 #: The project's own teacher, shipped with the package (see docs/teacher.md).
@@ -104,7 +105,14 @@ class PipelineConfig:
     """Ray cluster to join (``auto`` or ``HOST:PORT``); empty: start one here."""
 
     def validate(self) -> PipelineConfig:
-        """Check invariants; returns ``self``."""
+        """Check every setting, alone and with the others, as the stages' commands will (the
+        tasks, the students' architecture, the evaluation planner); returns ``self``.
+
+        The teacher's task set needs its file: :meth:`Pipeline.check` looks at it.
+        """
+        from tdmpc_opt.config import PlannerConfig, check_seed, model_config_for
+        from tdmpc_opt.tasks import get_task, resolve_tasks
+
         positive = ("collect_episodes", "student_enc_dim", "student_mlp_dim",
                     "student_latent_dim", "student_task_dim", "student_num_q", "steps",
                     "batch_size", "eval_episodes", "num_samples", "iterations",
@@ -117,10 +125,30 @@ class PipelineConfig:
         if self.max_steps < 0 or self.threads < 0 or self.latency_seconds < 0 \
                 or self.workers < 1:
             raise ConfigError("max_steps, threads and latency_seconds must be >= 0, workers >= 1")
+        if self.threads > MAX_THREADS:
+            raise ConfigError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
         if self.coef <= 0 or self.collect_noise < 0 or self.plan_coef < 0:
             raise ConfigError("coef must be > 0, collect_noise and plan_coef >= 0")
+        check_seed(self.seed)
+        check_seed(self.eval_seed, "eval_seed")
         if not [t for t in self.tasks.split(",") if t.strip()]:
             raise ConfigError("tasks is empty")
+        tasks = resolve_tasks(self.tasks)
+        for name in tasks:
+            if get_task(name).suite == "metaworld":
+                raise ConfigError(f"{name}: Meta-World environments are not shipped; choose "
+                                  "DMControl tasks")
+        try:
+            model_config_for(tasks, None, enc_dim=self.student_enc_dim,
+                             mlp_dim=self.student_mlp_dim, latent_dim=self.student_latent_dim,
+                             task_dim=self.student_task_dim, num_q=self.student_num_q)
+        except ConfigError as e:
+            raise ConfigError(f"student architecture: {e}") from None
+        elites = PlannerConfig.num_elites
+        if self.num_samples < elites:
+            raise ConfigError(f"num_samples must be at least {elites} (the evaluation "
+                              f"planner's num_elites), got {self.num_samples}")
+        PlannerConfig(num_samples=self.num_samples, iterations=self.iterations).validate()
         return self
 
     def teacher_path(self) -> Path:
@@ -129,16 +157,22 @@ class PipelineConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str]) -> PipelineConfig:
-    """Defaults, then a JSON or TOML file's settings, then ``key=value`` overrides."""
+    """Defaults, then a JSON (``.json``) or TOML (``.toml``) file's settings, then
+    ``key=value`` overrides."""
     from tdmpc_opt.config import apply_overrides, config_from_dict
 
     cfg = PipelineConfig()
     if path:
         path = Path(path)
+        if path.suffix not in (".json", ".toml"):
+            raise ConfigError(f"{path}: settings files are .json or .toml, not "
+                              f"{path.suffix or 'without a suffix'}")
         try:
-            text = path.read_text()
+            text = path.read_bytes().decode()
         except OSError as e:
             raise ConfigError(f"cannot read config file {path} ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text") from None
         try:
             if path.suffix == ".toml":
                 import tomllib
@@ -147,7 +181,7 @@ def load_config(path: str | Path | None, overrides: list[str]) -> PipelineConfig
             else:
                 data = json.loads(text)
         except ValueError as e:
-            raise ConfigError(f"{path} is not valid {path.suffix[1:] or 'JSON'}: {e}") from None
+            raise ConfigError(f"{path} is not valid {path.suffix[1:]}: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a table of settings")
         cfg = config_from_dict(PipelineConfig, data)
@@ -245,11 +279,20 @@ class Pipeline:
                 raise PipelineError(f"{self.dir} holds a run with other settings ({', '.join(diff)}"
                                     "); choose another --run-dir or use the same settings")
             return
+        self.check()
+        _write_json(path, mine)
+
+    def check(self) -> None:
+        """Refuse, before the run directory is claimed, what the settings alone cannot show:
+        a missing teacher or dataset, tasks outside the teacher's set."""
+        from tdmpc_opt.agent import load_agent
+        from tdmpc_opt.cli.eval import check_tasks
+
         if not self.cfg.teacher_path().is_file():
             raise PipelineError(f"teacher checkpoint not found: {self.cfg.teacher_path()}")
         if self.cfg.data and not (Path(self.cfg.data) / "meta.json").is_file():
             raise PipelineError(f"{self.cfg.data} is not a tdmpc-opt dataset (no meta.json)")
-        _write_json(path, mine)
+        check_tasks(load_agent(self.cfg.teacher_path()), self.tasks)
 
     def _command(self, argv: list[str]) -> None:
         """Run one ``tdmpc-opt`` command in this process (its errors propagate)."""

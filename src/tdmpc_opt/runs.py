@@ -11,8 +11,9 @@ Layout of a run directory::
     model.safetensors           the latest world model in tdmpc-opt's format (for agents)
 
 Checkpoints are written to a temporary file and renamed, so a crash or a full disk never
-harms the previous one. :meth:`RunDir.latest_checkpoint` returns the newest valid checkpoint and
-skips corrupt ones with a warning.
+harms the previous one. :meth:`RunDir.latest_checkpoint` returns the newest valid checkpoint,
+skips corrupt ones with a :class:`CheckpointSkipped` warning and renames them ``*.skipped``, and
+refuses a run none of whose checkpoints can be read.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ class TrainingDiverged(RunError):
     """A loss became NaN or Inf."""
 
 
+class CheckpointSkipped(UserWarning):
+    """A checkpoint that resuming skipped because it cannot be read (the message is one line)."""
+
+
+RESUMABLE = ("steps", "eval_freq", "log_freq", "checkpoint_freq", "keep_checkpoints", "threads",
+             "compile")
+"""Training settings a resumed run may change: its length, how often it logs, evaluates and
+checkpoints, and how it uses the machine. Every other setting must match the stored one."""
+
+LOCATIONS = ("data", "teacher", "cache", "init", "distributed")
+"""Top-level ``config.json`` entries that say where things are (or how many processes run), not
+what is learned; a resume may change them (a moved dataset, another working directory). The
+teacher's identity is its ``teacher_sha256``, the process count is checked with the checkpoint."""
+
+
 class RunDir:
     """A training run's directory (created when missing)."""
 
@@ -64,9 +80,18 @@ class RunDir:
         self._write(self.path / "config.json", lambda tmp: Path(tmp).write_text(text))
 
     def read_config(self) -> dict | None:
-        """The stored configuration, or None."""
+        """The stored configuration, or None.
+
+        Raises:
+            RunError: ``config.json`` is damaged.
+        """
         f = self.path / "config.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+        if not f.is_file():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except ValueError:
+            raise RunError(f"{f} is damaged; choose another --run-dir") from None
 
     # --------------------------------------------------------------- metrics
     def log(self, kind: str, step: int, metrics: dict[str, float]) -> None:
@@ -103,7 +128,7 @@ class RunDir:
         meta = {"step": step, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         text = json.dumps(meta) + "\n"
         self._write(side, lambda tmp: Path(tmp).write_text(text))
-        self._prune()
+        self._prune(step)
         return path
 
     def _write(self, path: Path, write) -> None:
@@ -116,8 +141,15 @@ class RunDir:
             raise RunError(f"could not write {path.name} ({what}); {kept}; free space and "
                            "rerun with --resume") from None
 
-    def _prune(self) -> None:
-        steps = sorted(self._steps(), reverse=True)
+    def _prune(self, current: int) -> None:
+        """Keep the ``keep`` newest checkpoints up to step ``current`` (the one just written,
+        so it always stays); delete the older ones.
+
+        A checkpoint with a higher step is left alone: it is no part of this run's lineage. A
+        resume starts from the newest readable checkpoint and renames the unreadable ones above
+        it (:meth:`latest_checkpoint`), so unreadable files never take the place of new ones.
+        """
+        steps = sorted((s for s in self._steps() if s <= current), reverse=True)
         for s in steps[self.keep:]:
             for suffix in (".pt", ".json"):
                 self.checkpoint_path(s).with_suffix(suffix).unlink(missing_ok=True)
@@ -144,17 +176,44 @@ class RunDir:
             if reason is None:
                 return path
             if not quiet:
-                warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)
+                warnings.warn(f"skipping checkpoint {path}: {reason}", CheckpointSkipped,
+                              stacklevel=2)
         return None
 
     def latest_checkpoint(self) -> tuple[Path, dict] | None:
-        """``(path, state)`` of the newest valid checkpoint, or None when there is none."""
-        while (path := self.latest_valid_path()) is not None:
-            try:
-                return path, torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped
-                warnings.warn(f"skipping checkpoint {path}: unreadable ({e})", stacklevel=2)
-                path.with_suffix(".json").rename(path.with_suffix(".bad"))
+        """``(path, state)`` of the newest readable checkpoint, or None when there is none.
+
+        Each newer checkpoint that cannot be read is reported with a :class:`CheckpointSkipped`
+        warning and renamed ``<name>.skipped`` (kept for inspection, out of the run's way).
+
+        Raises:
+            RunError: there are checkpoints but none of them can be read (starting over would
+                overwrite the run's model and prune its files).
+        """
+        skipped: list[Path] = []
+        for step in sorted(self._steps(), reverse=True):
+            path = self.checkpoint_path(step)
+            reason = self._valid(path)
+            if reason is None:
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception as e:  # noqa: BLE001 - any unreadable file is skipped
+                    first = (str(e).strip() or type(e).__name__).splitlines()[0]
+                    reason = f"unreadable ({first[:200]})"
+            if reason is not None:
+                warnings.warn(f"skipping checkpoint {path}: {reason}", CheckpointSkipped,
+                              stacklevel=2)
+                skipped.append(path)
+                continue
+            for bad in skipped:
+                for f in (bad, bad.with_suffix(".json")):
+                    if f.exists():
+                        f.rename(f.with_name(f.name + ".skipped"))
+            return path, state
+        if skipped:
+            raise RunError(f"{self.ckpt_dir}: none of its {len(skipped)} checkpoints could be "
+                           "read; move them away to start the run over, or choose another "
+                           "--run-dir")
         return None
 
 
@@ -213,15 +272,40 @@ def plot_curves(run_path: str | Path, out: str | Path | None = None) -> Path | N
     return out
 
 
-def check_same_model(run: RunDir, config: dict | None) -> None:
-    """Raise :class:`RunError` when ``config``'s model differs from the run's stored one."""
+def check_resume_config(run: RunDir, config: dict | None) -> None:
+    """Raise :class:`RunError` when ``config`` differs from the run's stored configuration in
+    anything but :data:`RESUMABLE` training settings and :data:`LOCATIONS`.
+
+    Settings the stored configuration lacks (added by a later version) are not compared;
+    entries only it has (a run of another command) count as different.
+    """
     old = run.read_config()
-    if not old or not config or old.get("model") == config.get("model"):
+    if not old or not config:
         return
-    diff = sorted(k for k in set(old["model"]) | set(config["model"])
-                  if old["model"].get(k) != config["model"].get(k))
-    raise RunError(f"{run.path} was trained with a different model ({', '.join(diff[:5])} "
-                   "differ); resume with the same settings or choose another --run-dir")
+    new = json.loads(json.dumps(config))  # the types config.json stores (tuples as lists)
+    model = _differing(old.get("model") or {}, new.get("model") or {})
+    if model:
+        raise RunError(f"{run.path} was trained with a different model ({', '.join(model[:5])} "
+                       "differ); resume with the same settings or choose another --run-dir")
+    diff = set()
+    for key in old:
+        if key == "model" or key in LOCATIONS:
+            continue
+        value = new.get(key)
+        if isinstance(value, dict) and isinstance(old[key], dict):
+            allowed = RESUMABLE if key == "train" else ()
+            diff |= {k for k in _differing(old[key], value) if k not in allowed}
+        elif value != old[key]:
+            diff.add(key)
+    if diff:
+        raise RunError(f"{run.path} was trained with other settings ({', '.join(sorted(diff))} "
+                       f"differ); a resume may change only {', '.join(RESUMABLE)}: use the "
+                       "run's values or choose another --run-dir")
+
+
+def _differing(old: dict, new: dict) -> list[str]:
+    """Sorted keys in both dictionaries whose values differ."""
+    return sorted(k for k in old if k in new and old[k] != new[k])
 
 
 # ------------------------------------------------------------------------ metrics

@@ -110,7 +110,9 @@ def get_task(name: str) -> TaskInfo:
         return TASKS[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(TASKS), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see `tdmpc-opt tasks`"
+        hint = f"; did you mean {', '.join(close)}?" if close else \
+            "; known tasks are those of the MT30 and MT80 sets, e.g. walker-walk (all listed " \
+            "in tdmpc_opt/tasks.py)"
         raise TaskError(f"unknown task {name!r}{hint}") from None
 
 

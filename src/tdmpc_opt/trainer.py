@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tdmpc_opt import distributed
 from tdmpc_opt.config import ModelConfig, PlannerConfig, config_to_dict
 from tdmpc_opt.replay import ReplayBuffer, SequenceSampler
-from tdmpc_opt.runs import RunDir, RunError, check_finite, check_same_model, plot_curves
+from tdmpc_opt.runs import RunDir, RunError, check_finite, check_resume_config, plot_curves
 from tdmpc_opt.training import ExtraLosses, TDMPC2Learner, TrainConfig
 from tdmpc_opt.world_model import WorldModel
 
@@ -92,7 +92,8 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
         run: run directory for metrics and checkpoints (None: nothing is written).
         extra_losses: hook adding loss terms (see :class:`TDMPC2Learner.update`).
         evaluate: called every ``eval_freq`` updates; its metrics go to ``eval.csv``.
-        resume: continue from the run's newest valid checkpoint, if any.
+        resume: continue from the run's newest valid checkpoint, if any; ``config`` must
+            then match the stored one (:func:`~tdmpc_opt.runs.check_resume_config`).
         config: resolved configuration written to ``config.json``.
         extra_state: anything else a checkpoint must hold (``state_dict()`` /
             ``load_state_dict()``), e.g. the distiller's latent projection.
@@ -106,12 +107,13 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
         The metrics of the last update (means over ranks).
     Raises:
         TrainingDiverged: a loss became NaN/Inf (names the step and last good checkpoint).
-        RunError: a checkpoint could not be written (the previous one is kept).
+        RunError: a checkpoint could not be written (the previous one is kept); on resume,
+            other settings than the run's or no readable checkpoint.
     """
     cfg, main = learner.cfg, distributed.is_main()
     writer = run if main else None  # the only rank that writes
     if resume and run is not None:
-        check_same_model(run, config)
+        check_resume_config(run, config)
     start = _restore(run, learner, sampler, extra_state) if resume and run else 0
     if start == 0 and distributed.is_active():  # same start, then each rank its own noise
         distributed.broadcast_module(learner.model)
@@ -271,7 +273,7 @@ class OnlineTrainer:
         """Run until ``cfg.steps`` environment steps; returns the last train metrics."""
         resumed = False
         if resume and self.run is not None:
-            check_same_model(self.run, config)
+            check_resume_config(self.run, config)
         if resume and self.run is not None and (found := self.run.latest_checkpoint()):
             self.load_state_dict(found[1])
             self.run.truncate_metrics(self.state.step)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from tdmpc_opt import distributed, products
 from tdmpc_opt import math as tm
-from tdmpc_opt.config import ModelConfig
+from tdmpc_opt.config import MAX_THREADS, ModelConfig
 from tdmpc_opt.errors import ConfigError
 from tdmpc_opt.train_forward import FusedNets, ModelNets
 from tdmpc_opt.world_model import PolicyOutput, WorldModel
@@ -131,6 +131,8 @@ class TrainConfig:
                               "output layers in float32)")
         if self.eval_freq < 0 or self.threads < 0 or (self.seed_steps or 0) < 0:
             raise ConfigError("eval_freq, threads and seed_steps must be >= 0")
+        if self.threads > MAX_THREADS:
+            raise ConfigError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
         return self
 
     def discount(self, episode_length: int) -> float:

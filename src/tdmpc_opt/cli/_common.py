@@ -19,13 +19,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-MAX_THREADS = 256
-"""Most intra-op threads a command accepts: far more than any machine it plans on has cores,
-and far below what crashes PyTorch's thread pool (100000 threads end in a segfault)."""
-
-
 def thread_count(text: str) -> int:
-    """argparse type: a number of torch threads, 1 to :data:`MAX_THREADS`."""
+    """argparse type: a number of torch threads, 1 to
+    :data:`tdmpc_opt.config.MAX_THREADS`."""
+    from tdmpc_opt.config import MAX_THREADS
+
     value = positive_int(text)
     if value > MAX_THREADS:
         raise argparse.ArgumentTypeError(f"at most {MAX_THREADS}, got {value}")

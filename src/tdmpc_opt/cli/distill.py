@@ -23,6 +23,8 @@ from pathlib import Path
 
 NAME = "distill"
 HELP = "train a small student from a frozen teacher (reward distillation and more)"
+INTERRUPTED = ("interrupted; the run directory keeps its last checkpoint: add --resume to the "
+               "same command to continue from it")
 
 
 def add_arguments(p):
@@ -50,7 +52,8 @@ def add_arguments(p):
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start the student from this model's weights (its architecture; "
                         "fine-tuning) instead of a fresh initialisation")
-    p.add_argument("--cache-teacher", nargs="?", const="", default=None, metavar="DIR",
+    # const is not a string: argparse would check it as a folder name
+    p.add_argument("--cache-teacher", nargs="?", const=True, default=None, metavar="DIR",
                    type=output_dir,
                    help="use (building if needed) a teacher-target cache (default: "
                         "RUN_DIR/teacher-cache)")
@@ -98,15 +101,11 @@ def _collect(args, teacher_path: Path, run_dir) -> Path:
     return out
 
 
-def _learner_from(args, m_items, cfg, device):
+def _learner_from(args, cfg, device):
     """A learner whose student starts from ``--init``'s weights (and takes its architecture)."""
     from tdmpc_opt.checkpoints import load_world_model
-    from tdmpc_opt.errors import ConfigError
     from tdmpc_opt.trainer import build_learner
 
-    if args.student_size is not None or m_items:
-        raise ConfigError("--init takes the student's architecture from its checkpoint; drop "
-                          "--student-size and model settings")
     init, _ = load_world_model(args.init, device)
     learner = build_learner(init.cfg, cfg, device)
     learner.model.load_state_dict(init.state_dict())
@@ -115,17 +114,18 @@ def _learner_from(args, m_items, cfg, device):
 
 def run(args) -> int:
     from tdmpc_opt import distributed
-    from tdmpc_opt.cli.train import split_overrides, start_processes
-    from tdmpc_opt.config import PlannerConfig, apply_overrides
-    from tdmpc_opt.training import TrainConfig
+    from tdmpc_opt.cli.train import one_line_warnings, settings, start_processes
+    from tdmpc_opt.errors import ConfigError
 
     dcfg = _distill_config(args)
-    t_items, m_items, p_items = split_overrides(args.overrides)
-    cfg = apply_overrides(TrainConfig(), t_items)
-    planner = apply_overrides(PlannerConfig(horizon=cfg.horizon), p_items)
+    cfg, planner, m_items = settings(args.overrides)
+    if args.init and (args.student_size is not None or m_items):
+        raise ConfigError("--init takes the student's architecture from its checkpoint; drop "
+                          "--student-size and model settings")
     device, env = start_processes(cfg, args.device)
     try:
-        return _run(args, dcfg, cfg, planner, m_items, device)
+        with one_line_warnings():
+            return _run(args, dcfg, cfg, planner, m_items, device)
     finally:
         if env is not None:
             distributed.destroy()
@@ -136,7 +136,13 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
 
     from tdmpc_opt import distributed
     from tdmpc_opt.checkpoints import load_world_model
-    from tdmpc_opt.cli.train import _check_fresh, _model_config, processes_config, processes_note
+    from tdmpc_opt.cli.train import (
+        _check_fresh,
+        check_environments,
+        model_config,
+        processes_config,
+        processes_note,
+    )
     from tdmpc_opt.data import Dataset
     from tdmpc_opt.distill_trainer import distill_offline
     from tdmpc_opt.distillation import check_compatible
@@ -146,6 +152,8 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
     main = distributed.is_main()
     teacher, info = load_world_model(args.teacher, device)
     teacher.requires_grad_(False)
+    student_cfg = None if args.init else model_config(teacher.cfg.tasks, args.student_size,
+                                                      m_items, "the teacher")
     run_dir = RunDir(args.run_dir or f"runs/distill-s{cfg.seed}", keep=cfg.keep_checkpoints)
     _check_fresh(run_dir, args.resume)
     data = Path(args.data) if args.data else None
@@ -155,13 +163,15 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
         if data is None:
             data = _collect(args, Path(args.teacher), run_dir)
     dataset = Dataset(data)
-    if args.init:
-        learner = _learner_from(args, m_items, cfg, device)
+    if student_cfg is None:
+        learner = _learner_from(args, cfg, device)
         student_cfg = learner.model.cfg
     else:
-        student_cfg = _model_config(teacher.cfg.tasks, args.student_size, m_items)
         learner = build_learner(student_cfg, cfg, device)
     check_compatible(teacher, learner.model)
+    if cfg.eval_freq:
+        check_environments(tuple(t for t in student_cfg.tasks if t in dataset.tasks),
+                           "evaluation runs them: set eval_freq=0")
     task_map = None
     if student_cfg.multitask:
         from tdmpc_opt.errors import DataError
@@ -172,8 +182,8 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
         task_map = np.array([student_cfg.tasks.index(t) for t in dataset.tasks])
     cache_dir = None
     if args.cache_teacher is not None:
-        cache_dir = Path(args.cache_teacher) if args.cache_teacher else \
-            run_dir.path / "teacher-cache"
+        cache_dir = run_dir.path / "teacher-cache" if args.cache_teacher is True else \
+            Path(args.cache_teacher)
     config = run_config(learner, planner=planner.__dict__, distill=dcfg.__dict__,
                         teacher=str(args.teacher), teacher_sha256=info["sha256"],
                         student_size=args.student_size, data=str(data), init=args.init,

@@ -21,10 +21,17 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
+import warnings
 
 NAME = "train"
 HELP = "train a world model offline from a dataset or online in an environment"
+INTERRUPTED = ("interrupted; the run directory keeps its last checkpoint: add --resume to the "
+               "same command to continue from it")
+LOSS_WEIGHTS = ("consistency_coef", "reward_coef", "value_coef", "termination_coef",
+                "entropy_coef")
 
 
 def add_arguments(p):
@@ -69,10 +76,62 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str], list[str]]:
     return out
 
 
-def _model_config(tasks: tuple[str, ...], size: int | None, items: list[str]):
-    from tdmpc_opt.config import apply_overrides, model_config_for
+def settings(items: list[str]):
+    """``(TrainConfig, PlannerConfig, model items)`` from key=value items, the training and
+    planner settings checked (the model items need the tasks: :func:`model_config`)."""
+    from tdmpc_opt.config import PlannerConfig, apply_overrides, check_seed
+    from tdmpc_opt.errors import ConfigError
+    from tdmpc_opt.training import TrainConfig
 
+    t_items, m_items, p_items = split_overrides(items)
+    cfg = apply_overrides(TrainConfig(), t_items)
+    check_seed(cfg.seed)
+    negative = [name for name in LOSS_WEIGHTS if getattr(cfg, name) < 0]
+    if negative:
+        raise ConfigError(f"{', '.join(negative)} must be >= 0")
+    planner = apply_overrides(PlannerConfig(horizon=cfg.horizon), p_items)
+    return cfg, planner, m_items
+
+
+def model_config(tasks: tuple[str, ...], size: int | None, items: list[str], source: str):
+    """The model for ``tasks`` (a published ``size`` or the defaults) with ``items`` applied;
+    ``source`` names where the command takes the tasks from, for refusing ``tasks=`` and the
+    sizes derived from them."""
+    from tdmpc_opt.config import apply_overrides, check_not_derived, model_config_for
+
+    check_not_derived(items, source)
     return apply_overrides(model_config_for(tuple(tasks), size), items)
+
+
+def check_environments(tasks: tuple[str, ...], why: str) -> None:
+    """Refuse Meta-World tasks, which have no environments; ``why`` says what needs one."""
+    from tdmpc_opt.errors import TaskError
+    from tdmpc_opt.tasks import get_task
+
+    meta = [t for t in tasks if get_task(t).suite == "metaworld"]
+    if meta:
+        raise TaskError(f"{meta[0]}: Meta-World environments are not shipped ({why})")
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Show checkpoints skipped on resume as one line each (``warning: ...``) instead of
+    Python's warning format with a source line; other warnings are shown as usual."""
+    from tdmpc_opt.runs import CheckpointSkipped
+
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CheckpointSkipped):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def start_processes(cfg, device_name: str, offline: bool = True):
@@ -99,18 +158,15 @@ def start_processes(cfg, device_name: str, offline: bool = True):
 
 def run(args) -> int:
     from tdmpc_opt import distributed
-    from tdmpc_opt.config import PlannerConfig, apply_overrides
     from tdmpc_opt.errors import ConfigError
-    from tdmpc_opt.training import TrainConfig
 
-    t_items, m_items, p_items = split_overrides(args.overrides)
-    cfg = apply_overrides(TrainConfig(), t_items)
-    planner = apply_overrides(PlannerConfig(horizon=cfg.horizon), p_items)
+    cfg, planner, m_items = settings(args.overrides)
     if args.online != bool(args.task):
         raise ConfigError("online training needs --task NAME --online; offline needs --data DIR")
     device, env = start_processes(cfg, args.device, offline=not args.online)
     try:
-        return _run(args, cfg, planner, m_items, device)
+        with one_line_warnings():
+            return _run(args, cfg, planner, m_items, device)
     finally:
         if env is not None:
             distributed.destroy()
@@ -130,7 +186,13 @@ def _run(args, cfg, planner, m_items, device) -> int:
     else:
         tasks, dataset = _offline_tasks(args)
         name = args.data.rstrip("/").split("/")[-1]
-    model_cfg = _model_config(tasks, args.model_size, m_items)
+    model_cfg = model_config(tasks, args.model_size, m_items,
+                             "--task" if args.online else "--tasks (or the dataset)")
+    if args.online:
+        check_environments(tasks, "online training runs one")
+    elif cfg.eval_freq:
+        check_environments(tuple(t for t in tasks if t in dataset.tasks),
+                           "evaluation runs them: set eval_freq=0")
     run_dir = RunDir(args.run_dir or f"runs/{name}-s{cfg.seed}", keep=cfg.keep_checkpoints)
     _check_fresh(run_dir, args.resume)
     learner = build_learner(model_cfg, cfg, device)
