@@ -1,6 +1,7 @@
 """Distillation: the paper's loss and our extra terms, live teacher vs cache, bad input."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -195,6 +196,17 @@ def test_distill_cli_runs_and_refuses_foreign_data(tiny_cfg, tmp_path, capsys):
     args[args.index("--run-dir") + 1] = str(tmp_path / "run2")
     assert main(args) == 2
     assert "outside the teacher's task set" in capsys.readouterr().err
+    narrow = tmp_path / "narrow"  # rows of 7 observations for a teacher that takes more
+    narrow.mkdir()
+    small = dataclasses.replace(tiny_cfg, obs_dim=7)
+    nds = _dataset(narrow, small)
+    args[2] = str(teacher_path)
+    args[args.index("--data") + 1] = str(nds.path)
+    args[args.index("--run-dir") + 1] = str(tmp_path / "run3")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"dataset rows are 7 obs / {tiny_cfg.action_dim} actions; the model takes " \
+        f"{tiny_cfg.obs_dim} / {tiny_cfg.action_dim}" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------ the plan term

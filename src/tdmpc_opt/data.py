@@ -362,6 +362,15 @@ def _is_dataset(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
+def check_row_sizes(dataset: Dataset, obs_dim: int, action_dim: int) -> None:
+    """Refuse a dataset whose rows are not ``obs_dim`` observations and ``action_dim`` actions
+    (a model's padded sizes), in one line instead of a shape error inside a matrix product."""
+    rows = (dataset.meta["obs_dim"], dataset.meta["action_dim"])
+    if rows != (obs_dim, action_dim):
+        raise DataError(f"{dataset.path}: dataset rows are {rows[0]} obs / {rows[1]} actions; "
+                        f"the model takes {obs_dim} / {action_dim}")
+
+
 def _check_finite(x: np.ndarray, name: str, where: str, first: int) -> None:
     bad = ~np.isfinite(x)
     if bad.any():

@@ -143,7 +143,7 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
         processes_config,
         processes_note,
     )
-    from tdmpc_opt.data import Dataset
+    from tdmpc_opt.data import Dataset, check_row_sizes
     from tdmpc_opt.distill_trainer import distill_offline
     from tdmpc_opt.distillation import check_compatible
     from tdmpc_opt.runs import RunDir
@@ -169,6 +169,7 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
     else:
         learner = build_learner(student_cfg, cfg, device)
     check_compatible(teacher, learner.model)
+    check_row_sizes(dataset, student_cfg.obs_dim, student_cfg.action_dim)
     if cfg.eval_freq:
         check_environments(tuple(t for t in student_cfg.tasks if t in dataset.tasks),
                            "evaluation runs them: set eval_freq=0")

@@ -250,6 +250,7 @@ def _train_offline(args, learner, dataset, run_dir, planner, config):
     import numpy as np
 
     from tdmpc_opt import distributed
+    from tdmpc_opt.data import check_row_sizes
     from tdmpc_opt.errors import DataError
     from tdmpc_opt.replay import SequenceSampler
     from tdmpc_opt.trainer import evaluate_model, train_offline
@@ -259,10 +260,7 @@ def _train_offline(args, learner, dataset, run_dir, planner, config):
     counts = dataset.meta.get("episodes_per_task", [])
     if any(counts[dataset.tasks.index(t)] for t in missing if counts):
         raise DataError(f"the dataset has episodes of tasks outside --tasks: {missing[:5]}")
-    if (dataset.meta["obs_dim"], dataset.meta["action_dim"]) != (mc.obs_dim, mc.action_dim):
-        raise DataError(f"dataset rows are {dataset.meta['obs_dim']} obs / "
-                        f"{dataset.meta['action_dim']} actions; the model takes "
-                        f"{mc.obs_dim} / {mc.action_dim}")
+    check_row_sizes(dataset, mc.obs_dim, mc.action_dim)
     task_map = None
     if mc.multitask:
         task_map = np.array([mc.tasks.index(t) if t in mc.tasks else 0 for t in dataset.tasks])
