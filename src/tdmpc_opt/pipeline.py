@@ -111,7 +111,7 @@ class PipelineConfig:
         The teacher's task set needs its file: :meth:`Pipeline.check` looks at it.
         """
         from tdmpc_opt.config import PlannerConfig, check_seed, model_config_for
-        from tdmpc_opt.tasks import get_task, resolve_tasks
+        from tdmpc_opt.tasks import check_environments, resolve_tasks
 
         positive = ("collect_episodes", "student_enc_dim", "student_mlp_dim",
                     "student_latent_dim", "student_task_dim", "student_num_q", "steps",
@@ -134,10 +134,7 @@ class PipelineConfig:
         if not [t for t in self.tasks.split(",") if t.strip()]:
             raise ConfigError("tasks is empty")
         tasks = resolve_tasks(self.tasks)
-        for name in tasks:
-            if get_task(name).suite == "metaworld":
-                raise ConfigError(f"{name}: Meta-World environments are not shipped; choose "
-                                  "DMControl tasks")
+        check_environments(tasks, "the pipeline collects data in them; choose DMControl tasks")
         try:
             model_config_for(tasks, None, enc_dim=self.student_enc_dim,
                              mlp_dim=self.student_mlp_dim, latent_dim=self.student_latent_dim,

@@ -135,7 +135,7 @@ class RunDir:
         try:
             atomic_write(path, write)
         except OSError as e:
-            prev = self.latest_valid_path(quiet=True)
+            prev = self.latest_valid_path()
             kept = f"the last good checkpoint is {prev}" if prev else "no earlier checkpoint"
             what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise RunError(f"could not write {path.name} ({what}); {kept}; free space and "
@@ -168,16 +168,12 @@ class RunDir:
             return "checksum mismatch (corrupted)"
         return None
 
-    def latest_valid_path(self, quiet: bool = False) -> Path | None:
-        """Newest checkpoint whose checksum matches; warns about skipped ones."""
+    def latest_valid_path(self) -> Path | None:
+        """Newest checkpoint whose checksum matches (resuming reports the skipped ones:
+        :meth:`latest_checkpoint`)."""
         for step in sorted(self._steps(), reverse=True):
-            path = self.checkpoint_path(step)
-            reason = self._valid(path)
-            if reason is None:
-                return path
-            if not quiet:
-                warnings.warn(f"skipping checkpoint {path}: {reason}", CheckpointSkipped,
-                              stacklevel=2)
+            if self._valid(self.checkpoint_path(step)) is None:
+                return self.checkpoint_path(step)
         return None
 
     def latest_checkpoint(self) -> tuple[Path, dict] | None:
@@ -226,7 +222,7 @@ def check_finite(metrics: dict[str, float], step: int, run: RunDir | None) -> No
     """Raise :class:`TrainingDiverged` naming the step and the last good checkpoint."""
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if bad:
-        last = run.latest_valid_path(quiet=True) if run is not None else None
+        last = run.latest_valid_path() if run is not None else None
         where = f"; last good checkpoint: {last}" if last else "; no checkpoint was written"
         raise TrainingDiverged(f"training diverged at step {step}: {', '.join(bad)} is "
                                f"NaN or Inf{where}")

@@ -100,6 +100,14 @@ TASK_SETS: dict[str, tuple[str, ...]] = {
 """Named multi-task sets, in checkpoint order."""
 
 
+def check_environments(tasks, why: str) -> None:
+    """Refuse Meta-World tasks, which have no environments here; ``why`` says what needs
+    one."""
+    meta = [t for t in tasks if get_task(t).suite == "metaworld"]
+    if meta:
+        raise TaskError(f"{meta[0]}: Meta-World environments are not shipped ({why})")
+
+
 def get_task(name: str) -> TaskInfo:
     """Return the :class:`TaskInfo` of ``name``.
 

@@ -22,6 +22,7 @@ from tdmpc_opt.errors import TdmpcError
 
 INTERRUPTED = "interrupted; finished work is saved, run the same command again to continue"
 """Ctrl-C note of a command that does not set its own ``INTERRUPTED``."""
+_OUT_OF_MEMORY = "error: out of memory; try a smaller batch, model or sample count"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 141
     except MemoryError:
-        print("error: out of memory; try a smaller batch, model or sample count",
-              file=sys.stderr)
+        print(_OUT_OF_MEMORY, file=sys.stderr)
         return 2
     except OSError as e:  # the machine refused (no such folder, permission, disk full)
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         if not _out_of_memory(e):
             raise  # a bug: keep its traceback
-        print("error: out of memory; try a smaller batch, model or sample count",
-              file=sys.stderr)
+        print(_OUT_OF_MEMORY, file=sys.stderr)
         return 2
 
 

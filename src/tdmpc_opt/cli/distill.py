@@ -138,7 +138,6 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
     from tdmpc_opt.checkpoints import load_world_model
     from tdmpc_opt.cli.train import (
         _check_fresh,
-        check_environments,
         model_config,
         processes_config,
         processes_note,
@@ -147,6 +146,7 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
     from tdmpc_opt.distill_trainer import distill_offline
     from tdmpc_opt.distillation import check_compatible
     from tdmpc_opt.runs import RunDir
+    from tdmpc_opt.tasks import check_environments
     from tdmpc_opt.trainer import build_learner, run_config
 
     main = distributed.is_main()

@@ -103,16 +103,6 @@ def model_config(tasks: tuple[str, ...], size: int | None, items: list[str], sou
     return apply_overrides(model_config_for(tuple(tasks), size), items)
 
 
-def check_environments(tasks: tuple[str, ...], why: str) -> None:
-    """Refuse Meta-World tasks, which have no environments; ``why`` says what needs one."""
-    from tdmpc_opt.errors import TaskError
-    from tdmpc_opt.tasks import get_task
-
-    meta = [t for t in tasks if get_task(t).suite == "metaworld"]
-    if meta:
-        raise TaskError(f"{meta[0]}: Meta-World environments are not shipped ({why})")
-
-
 @contextlib.contextmanager
 def one_line_warnings():
     """Show checkpoints skipped on resume as one line each (``warning: ...``) instead of
@@ -188,6 +178,8 @@ def _run(args, cfg, planner, m_items, device) -> int:
         name = args.data.rstrip("/").split("/")[-1]
     model_cfg = model_config(tasks, args.model_size, m_items,
                              "--task" if args.online else "--tasks (or the dataset)")
+    from tdmpc_opt.tasks import check_environments
+
     if args.online:
         check_environments(tasks, "online training runs one")
     elif cfg.eval_freq:
