@@ -309,8 +309,14 @@ def _quiet_worker() -> None:
 
 
 def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 3.0) -> None:
-    """Stop ``pool``'s workers now: terminate them, wait up to ``grace_s``, kill the rest."""
+    """Stop ``pool``'s workers now: terminate them, wait up to ``grace_s``, kill the rest, then
+    wait (up to ``grace_s`` again) for the pool's manager thread.
+
+    That thread reaps the dead workers too; a worker it reaps first still looks alive to the
+    driver until the thread has recorded its exit status, so it is waited for before return.
+    """
     procs = list((pool._processes or {}).values())  # no public handle before Python 3.14
+    manager = pool._executor_manager_thread  # likewise private; None before the first submit
     for proc in procs:
         proc.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
@@ -320,6 +326,8 @@ def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 3.0) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join()
+    if manager is not None:
+        manager.join(grace_s)
 
 
 # ------------------------------------------------------------------------------- Ray
