@@ -102,6 +102,15 @@ def _wait_for(pattern_dir: Path, pattern: str, proc: subprocess.Popen, limit: fl
     pytest.fail(f"{pattern_dir}/{pattern} did not appear")
 
 
+def _first_line(proc: subprocess.Popen) -> str:
+    """The process's first output line, read from the pipe byte by byte: a buffered readline
+    could take more, which ``communicate`` (reading the pipe itself) would then never see."""
+    got = b""
+    while not got.endswith(b"\n") and (byte := os.read(proc.stdout.fileno(), 1)):
+        got += byte
+    return got.decode()
+
+
 def _results_without_timing(run: Path) -> dict:
     """Scores, returns, seeds, parameters and the verdict; the files' bytes and hashes differ
     because their metadata names the run directory, and latency is a wall-clock figure."""
@@ -147,11 +156,14 @@ def test_killed_pipeline_finishes_with_the_same_report(tmp_path):
     rng = random.Random(7)
     for _ in range(3):
         proc = _start(run, longer)
+        # The kill moment counts from the run's first (flushed) line, not from the start of
+        # Python: on a loaded machine the imports alone can outlast the shortest wait.
+        first = _first_line(proc)
         try:
             proc.wait(timeout=rng.uniform(2.0, 10.0))
         except subprocess.TimeoutExpired:
             proc.kill()
-        out, _ = proc.communicate(timeout=60)
+        out = first + proc.communicate(timeout=60)[0]
         for stage in ("teacher", "data", "student"):
             assert f"[{stage}] done earlier, skipped" in out, out
 

@@ -47,6 +47,43 @@ def test_interrupted_checkpoint_without_checksum_is_skipped(tmp_path):
         assert run.latest_checkpoint()[1]["step"] == 1
 
 
+def test_a_checkpoint_never_appears_before_its_checksum(tmp_path, monkeypatch):
+    """A process killed between the two renames of a save must not leave a .pt without its
+    checksum (every resume would skip it; a run whose only checkpoint it is was refused)."""
+    seen = []
+
+    def recording_write(path, write):
+        if path.suffix == ".pt":
+            seen.append(path.with_suffix(".json").exists())
+        real_atomic_write(path, write)
+
+    real_atomic_write = runs.atomic_write
+    monkeypatch.setattr(runs, "atomic_write", recording_write)
+    run = RunDir(tmp_path / "r")
+    run.save_checkpoint(1, _state(1))
+    run.save_checkpoint(2, _state(2))
+    assert seen == [True, True]
+
+
+def test_checksum_left_by_a_killed_save_is_ignored_and_pruned(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.save_checkpoint(1, _state(1))
+    orphan = run.save_checkpoint(2, _state(2))
+    orphan.unlink()  # killed after the checksum's rename, before the checkpoint's
+    path, state = run.latest_checkpoint()
+    assert state["step"] == 1
+    run.save_checkpoint(3, _state(3))
+    assert not orphan.with_suffix(".json").exists()
+    assert sorted(p.name for p in run.ckpt_dir.iterdir()) == [
+        "step-00000001.json", "step-00000001.pt", "step-00000003.json", "step-00000003.pt"]
+
+
+def test_first_save_killed_before_the_checkpoint_starts_over(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.save_checkpoint(1, _state(1)).unlink()
+    assert run.latest_checkpoint() is None
+
+
 def test_no_checkpoint(tmp_path):
     assert RunDir(tmp_path / "r").latest_checkpoint() is None
 

@@ -6,7 +6,7 @@ Layout of a run directory::
     train.csv / eval.csv        metrics, one row per log step (TensorBoard events when installed)
     checkpoints/
         step-00001000.pt        resumable training state (torch.save, loaded weights_only)
-        step-00001000.json      {"step", "sha256", "bytes"}: written after the .pt; a
+        step-00001000.json      {"step", "sha256", "bytes"}: written before the .pt; a
                                 checkpoint without it, or whose bytes differ, is invalid
     model.safetensors           the latest world model in tdmpc-opt's format (for agents)
 
@@ -34,6 +34,7 @@ from tdmpc_opt.checkpoints import atomic_write, file_sha256
 from tdmpc_opt.errors import TdmpcError
 
 _CKPT = re.compile(r"^step-(\d+)\.pt$")
+_SIDE = re.compile(r"^step-(\d+)\.json$")
 
 
 class RunError(TdmpcError):
@@ -123,11 +124,17 @@ class RunDir:
         buf = io.BytesIO()
         torch.save(state, buf)  # serialised in memory: a full disk surfaces as OSError below
         data = buf.getvalue()
-        self._write(path, lambda tmp: _write_bytes(tmp, data))
-        side = path.with_suffix(".json")
         meta = {"step": step, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         text = json.dumps(meta) + "\n"
+        # The checksum first: a process killed between the two renames leaves a checksum
+        # without its .pt (ignored), never a .pt without its checksum (an unreadable one).
+        side = path.with_suffix(".json")
         self._write(side, lambda tmp: Path(tmp).write_text(text))
+        try:
+            self._write(path, lambda tmp: _write_bytes(tmp, data))
+        except BaseException:
+            side.unlink(missing_ok=True)
+            raise
         self._prune(step)
         return path
 
@@ -153,6 +160,10 @@ class RunDir:
         for s in steps[self.keep:]:
             for suffix in (".pt", ".json"):
                 self.checkpoint_path(s).with_suffix(suffix).unlink(missing_ok=True)
+        for side in self.ckpt_dir.glob("step-*.json"):  # checksums a killed save left alone
+            m = _SIDE.match(side.name)
+            if m and int(m.group(1)) < current and not side.with_suffix(".pt").exists():
+                side.unlink(missing_ok=True)
 
     def _steps(self) -> list[int]:
         return [int(m.group(1)) for f in self.ckpt_dir.iterdir() if (m := _CKPT.match(f.name))]
