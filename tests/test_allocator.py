@@ -59,3 +59,32 @@ def test_child_processes_inherit_the_setting():
 
     assert _run()["env"] == str(MMAP_THRESHOLD)
     assert _run(TDMPC_OPT_MALLOC="default")["env"] is None
+
+
+# Fill 180 MiB of heap (20 blocks of 9 MiB, below keep_freed_memory's mmap threshold), pin the
+# heap's top with a small block, free the big ones: they stay resident (the top is not free,
+# and 512 MiB must lie free there before glibc trims) until release_freed_memory.
+_RELEASE_CHILD = """
+import json
+import torch
+from tdmpc_opt.allocator import keep_freed_memory, release_freed_memory
+def resident_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+assert keep_freed_memory()
+big = [torch.ones(6144, 384) for _ in range(20)]
+pin = torch.ones(1000)
+del big
+held = resident_mb()
+release_freed_memory()
+print(json.dumps({"held": held, "released": resident_mb()}))
+"""
+
+
+def test_release_freed_memory_hands_free_heap_pages_back():
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k != "TDMPC_OPT_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", _RELEASE_CHILD], env=clean,
+                         capture_output=True, text=True, check=True).stdout
+    mb = json.loads(out.strip().splitlines()[-1])
+    assert mb["held"] - mb["released"] > 150, mb  # of the 180 MiB freed

@@ -50,6 +50,31 @@ def test_policy_mode_is_batch_invariant_too(tiny_agent):
     assert _returns(agent, specs, 1) == _returns(agent, specs, 3)
 
 
+def test_closed_environments_are_freed_before_memory_is_handed_back(tiny_agent, monkeypatch):
+    """Each hand-back of freed memory (after episodes end) comes when every environment of the
+    finished episodes is already unreferenced, so their ~25 MB of MuJoCo buffers are free."""
+    import weakref
+
+    import tdmpc_opt.evaluation as evaluation
+    from tdmpc_opt.envs import make_env
+
+    envs, finished, checks = [], [], []
+
+    def tracked_env(task, seed):
+        env = make_env(task, seed)
+        envs.append(weakref.ref(env))
+        return env
+
+    def release():
+        checks.append((len(finished), sum(ref() is None for ref in envs)))
+
+    monkeypatch.setattr(evaluation, "release_freed_memory", release)
+    specs = episode_specs(("walker-walk", "cartpole-balance", "pendulum-swingup"), 2, seed=1)
+    run_episodes(tiny_agent.with_planner(mpc=False), specs, 4, max_steps=3,
+                 on_result=finished.append, make_env=tracked_env)
+    assert checks == [(4, 4), (6, 6)]
+
+
 def test_episode_seeds_are_per_task_and_episode():
     a = episode_specs(("walker-walk", "cartpole-balance"), 3, seed=1)
     b = episode_specs(("cartpole-balance",), 3, seed=1)

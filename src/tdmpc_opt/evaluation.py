@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tdmpc_opt.agent import Agent
+from tdmpc_opt.allocator import release_freed_memory
 from tdmpc_opt.tasks import get_task
 
 
@@ -169,8 +170,6 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
     Returns:
         Results in the order of ``specs``.
     """
-    from tdmpc_opt.envs import pad_obs
-
     if make_env is None:
         from tdmpc_opt.envs import make_env
     pending = deque(specs)
@@ -185,35 +184,49 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
         t0 = torch.tensor([s.t == 0 for s in slots])
         actions, plans = agent.step(x, tid, torch.cat([s.plan for s in slots]), t0, eval_mode,
                                     [s.generator for s in slots])
-        finished = []
-        for i, slot in enumerate(slots):
-            slot.plan = plans[i:i + 1]
-            action = _take_action(slot, actions[i].numpy())
-            slot.obs, reward, terminated, truncated, info = slot.env.step(action)
-            if slot.steps is not None:
-                slot.steps[0].append(pad_obs(slot.obs, agent.cfg.obs_dim))
-                slot.steps[2].append(float(reward))
-            slot.ret += float(reward)
-            slot.t += 1
-            if "success" in info:
-                slot.success = max(slot.success or 0.0, float(info["success"]))
-            if slot.frames:
-                slot.frames.append(slot.env.render())
-            if terminated or truncated or (max_steps is not None and slot.t >= max_steps):
-                finished.append(slot)
+        ended = [_advance(s, actions[i].numpy(), plans[i:i + 1], max_steps, agent.cfg.obs_dim)
+                 for i, s in enumerate(slots)]
         if on_step:
             on_step(len(slots))
-        for slot in finished:
-            slots.remove(slot)
-            slot.env.close()
-            res = EpisodeResult(slot.spec.task, slot.spec.episode, slot.spec.seed, slot.ret,
-                                slot.t, slot.success, _trajectory(slot))
-            results[slot.spec] = res
-            if on_result:
-                on_result(res)
-            if slot.frames and on_video:
-                on_video(slot.spec, slot.frames)
+        if any(ended):
+            finished = [s for s, e in zip(slots, ended, strict=True) if e]
+            slots = [s for s, e in zip(slots, ended, strict=True) if not e]
+            _finish(finished, results, on_result, on_video)
+            release_freed_memory()  # their environments' ~25 MB each, now unreferenced
     return [results[s] for s in specs]
+
+
+def _advance(slot: _Slot, action: np.ndarray, plan: torch.Tensor, max_steps: int | None,
+             obs_dim: int) -> bool:
+    """Step ``slot``'s environment with the agent's ``action``; whether its episode ended."""
+    from tdmpc_opt.envs import pad_obs
+
+    slot.plan = plan
+    slot.obs, reward, terminated, truncated, info = slot.env.step(_take_action(slot, action))
+    if slot.steps is not None:
+        slot.steps[0].append(pad_obs(slot.obs, obs_dim))
+        slot.steps[2].append(float(reward))
+    slot.ret += float(reward)
+    slot.t += 1
+    if "success" in info:
+        slot.success = max(slot.success or 0.0, float(info["success"]))
+    if slot.frames:
+        slot.frames.append(slot.env.render())
+    return terminated or truncated or (max_steps is not None and slot.t >= max_steps)
+
+
+def _finish(finished: list[_Slot], results: dict, on_result, on_video) -> None:
+    """Close the environments of ``finished`` (then emptied) and report their episodes."""
+    for slot in finished:
+        slot.env.close()
+        res = EpisodeResult(slot.spec.task, slot.spec.episode, slot.spec.seed, slot.ret, slot.t,
+                            slot.success, _trajectory(slot))
+        results[slot.spec] = res
+        if on_result:
+            on_result(res)
+        if slot.frames and on_video:
+            on_video(slot.spec, slot.frames)
+    finished.clear()
 
 
 def task_score(task: str, returns: list[float], successes: list[float | None]) -> float:
