@@ -199,11 +199,11 @@ def run_episodes(agent: Agent, specs: list[EpisodeSpec], batch_size: int = 16,
 def _advance(slot: _Slot, action: np.ndarray, plan: torch.Tensor, max_steps: int | None,
              obs_dim: int) -> bool:
     """Step ``slot``'s environment with the agent's ``action``; whether its episode ended."""
-    from tdmpc_opt.envs import pad_obs
-
     slot.plan = plan
     slot.obs, reward, terminated, truncated, info = slot.env.step(_take_action(slot, action))
     if slot.steps is not None:
+        from tdmpc_opt.envs import pad_obs
+
         slot.steps[0].append(pad_obs(slot.obs, obs_dim))
         slot.steps[2].append(float(reward))
     slot.ret += float(reward)
