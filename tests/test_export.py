@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from tdmpc_opt.cli import main
 from tdmpc_opt.config import PlannerConfig
 from tdmpc_opt.deploy import onnx_planner as op
 from tdmpc_opt.errors import CheckpointError, InputError
-from tdmpc_opt.export import export_checkpoint, export_onnx, verify_export
+from tdmpc_opt.export import EXPORT_FILES, export_checkpoint, export_onnx, verify_export
 from tdmpc_opt.planner import draw_noise, plan, plan_literal
 
 
@@ -163,3 +164,56 @@ def test_published_student_export(fp16_ckpt, tmp_path):
     model, _ = load_world_model(fp16_ckpt)
     cfg = PlannerConfig(iterations=3, num_samples=128, num_elites=16, num_pi_trajs=8)
     _compare_planners(model, tmp_path, cfg, torch.tensor([1, 8, 16]), True)
+
+
+def test_export_never_replaces_a_folders_own_files(tmp_path, capsys, tiny_cfg):
+    """A folder holding its own example.py / requirements.txt is refused before any work;
+    other files in it are kept; an earlier export is replaced as a whole."""
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, random_model(tiny_cfg))
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "requirements.txt").write_text("my-own-package==1\n")
+    (mine / "example.py").write_text("print('mine')\n")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "example.py, requirements.txt" in err
+    assert "not from an earlier export" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["example.py", "requirements.txt"]
+    assert (mine / "requirements.txt").read_text() == "my-own-package==1\n"
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("keep me\n")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(shared)]) == 0
+    assert (shared / "notes.txt").read_text() == "keep me\n"
+    assert sorted(p.name for p in shared.iterdir()) == sorted(["notes.txt", *EXPORT_FILES])
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(shared)]) == 0  # again
+
+
+def test_interrupted_export_leaves_the_earlier_export_as_it_was(tmp_path, monkeypatch,
+                                                                   tiny_cfg):
+    import tdmpc_opt.export as ex
+
+    out = tmp_path / "out"
+    export_onnx(random_model(tiny_cfg), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / f"{ex.STAGING_PREFIX}stale").mkdir()  # as a killed export leaves it
+    real, calls = ex.export_graph, []
+
+    def interrupted(model, kind, path, *args):
+        calls.append(kind)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(model, kind, path, *args)
+
+    monkeypatch.setattr(ex, "export_graph", interrupted)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(random_model(tiny_cfg), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # stale staging gone too
+    monkeypatch.setattr(ex, "export_graph", real)
+    desc, errors = export_onnx(random_model(tiny_cfg), out, "abc", verify=True)
+    assert json.loads((out / "model.json").read_text()) == desc and desc["source_sha256"] == "abc"
+    assert max(errors.values()) < 1e-4 and (out / "q.onnx").read_bytes() != before["q.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(EXPORT_FILES)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -172,10 +174,67 @@ def describe_model(model, source_sha256: str = "") -> dict:
             "planner": dataclasses.asdict(PlannerConfig()), "source_sha256": source_sha256}
 
 
-def export_onnx(model, out_dir: str | Path, source_sha256: str = "") -> dict:
-    """Export the five graphs, ``model.json`` and the standalone planner into ``out_dir``."""
+EXPORT_FILES = (*(f"{k}.onnx" for k in GRAPHS), "model.json", *DEPLOY_FILES)
+"""Every file an export writes into its folder."""
+STAGING_PREFIX = ".export-partial"
+"""Name prefix of the hidden folder an export is written into before it is moved in place."""
+
+
+def is_export(folder: str | Path) -> bool:
+    """Whether ``folder`` holds an earlier export (a ``model.json`` in this format)."""
+    try:
+        desc = json.loads((Path(folder) / "model.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(desc, dict) and desc.get("format") == "tdmpc-opt-onnx"
+
+
+def check_export_folder(out_dir: str | Path) -> None:
+    """Refuse, before any work, a folder whose own files an export would replace.
+
+    ``out_dir`` may be missing, hold other files, or be an earlier export (replaced as a
+    whole); a file there with the name of one an export writes (``example.py``,
+    ``requirements.txt``, ...) that is not part of an earlier export is never overwritten.
+    Raises:
+        InputError: naming the files that would be replaced.
+    """
+    out = Path(out_dir)
+    if not out.is_dir() or is_export(out):
+        return
+    taken = [name for name in EXPORT_FILES if (out / name).exists()]
+    if taken:
+        raise InputError(f"{out} already holds {', '.join(taken)}, not from an earlier export; "
+                         f"export into a new or empty folder")
+
+
+def export_onnx(model, out_dir: str | Path, source_sha256: str = "", verify: bool = False
+                ) -> tuple[dict, dict[str, float]]:
+    """Export the five graphs, ``model.json`` and the standalone planner into ``out_dir``.
+
+    Everything is written (and with ``verify`` checked against PyTorch) in a hidden folder
+    inside ``out_dir`` first and moved in place at the end, ``model.json`` last: an export
+    that fails or is interrupted leaves ``out_dir`` as it was (an earlier export included).
+    Returns (model.json contents, ``verify_export``'s differences or ``{}``).
+    Raises:
+        InputError: ``out_dir`` holds files of its own an export would replace.
+    """
+    check_export_folder(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{STAGING_PREFIX}*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        desc, errors = _write_export(model, staging, source_sha256, verify)
+        for name in sorted(EXPORT_FILES, key=lambda n: n == "model.json"):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return desc, errors
+
+
+def _write_export(model, out: Path, source_sha256: str, verify: bool
+                  ) -> tuple[dict, dict[str, float]]:
     model = model.float().eval()
     for kind in GRAPHS:
         export_graph(model, kind, out / f"{kind}.onnx")
@@ -186,7 +245,7 @@ def export_onnx(model, out_dir: str | Path, source_sha256: str = "") -> dict:
             shutil.copyfile(DEPLOY_DIR / name, out / name)
     if not (out / "requirements.txt").exists():
         (out / "requirements.txt").write_text(REQUIREMENTS)
-    return desc
+    return desc, (verify_export(model, out) if verify else {})
 
 
 @torch.no_grad()
@@ -217,14 +276,16 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "o
 
     Returns ``{"model": model.json contents, "errors": verify_export(...)}``.
     Raises:
-        InputError: unsupported format. CheckpointError: unreadable or pixel-encoder model.
+        InputError: unsupported format, or ``out_dir`` holds files of its own an export would
+        replace. CheckpointError: unreadable or pixel-encoder model.
     """
     from tdmpc_opt.checkpoints import load_world_model, migrate_official_keys, read_state_dict
 
     if fmt != "onnx":
         raise InputError(f"unsupported export format {fmt!r}; the only one is 'onnx'")
+    check_export_folder(out_dir)
     raw, _ = read_state_dict(checkpoint)
     check_state_encoder(migrate_official_keys(raw))
     model, info = load_world_model(checkpoint)
-    desc = export_onnx(model, out_dir, info["sha256"])
-    return {"model": desc, "errors": verify_export(model, out_dir) if verify else {}}
+    desc, errors = export_onnx(model, out_dir, info["sha256"], verify)
+    return {"model": desc, "errors": errors}

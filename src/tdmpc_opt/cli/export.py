@@ -3,7 +3,10 @@
 Writes encoder, dynamics, reward, q and policy graphs (float32, task as an int64 index
 input), model.json, and onnx_planner.py / example.py / requirements.txt, so the folder runs
 without PyTorch: `pip install -r requirements.txt && python example.py`. Each graph is
-checked against PyTorch on random inputs; the largest difference is printed.
+checked against PyTorch on random inputs; the largest difference is printed. The folder may
+be new, hold other files, or hold an earlier export (replaced); a file of its own with the
+name of one the export writes is refused, never overwritten. An interrupted or failed export
+leaves the folder as it was.
 
 Examples:
   tdmpc-opt export --checkpoint ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt \\
@@ -21,7 +24,9 @@ def add_arguments(p):
 
     p.add_argument("--checkpoint", required=True, help="any supported checkpoint")
     p.add_argument("--format", default="onnx", dest="fmt", help="export format (onnx)")
-    p.add_argument("--out", required=True, type=output_dir, help="output folder")
+    p.add_argument("--out", required=True, type=output_dir,
+                   help="output folder: new, an earlier export (replaced), or one holding no "
+                        "files of the export's names")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
 
 
