@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from tdmpc_opt.cli import main
+from tdmpc_opt.cli import INTERRUPTED, main
 
 
 def _run(argv, capsys):
@@ -194,6 +194,33 @@ def test_command_sets_its_own_interrupt_note_and_bugs_keep_tracebacks(monkeypatc
     monkeypatch.setattr(info, "run", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["info", "x.pt"])
+
+
+def test_sigterm_is_handled_as_ctrl_c_and_then_restored(monkeypatch, capsys, tmp_path):
+    """SIGTERM during a command runs the command's Ctrl-C clean-up (its ``finally`` blocks) and
+    exits 143 with its note; a second SIGTERM meanwhile is ignored; afterwards SIGTERM is back
+    to the default."""
+    import os
+    import signal
+    import time
+
+    from tdmpc_opt.cli import info
+
+    cleaned = tmp_path / "cleaned"
+
+    def terminated(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored during the clean-up
+            cleaned.touch()
+
+    monkeypatch.setattr(info, "run", terminated)
+    started = time.monotonic()
+    assert _run(["info", "x.pt"], capsys)[::2] == (143, f"{INTERRUPTED}\n")
+    assert cleaned.exists() and time.monotonic() - started < 4
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_closed_stdout_pipe_ends_quietly(fp16_ckpt):

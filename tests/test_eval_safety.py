@@ -130,6 +130,40 @@ def test_ctrl_c_on_the_command_line_with_workers(ckpt, tmp_path):
     assert _alive_in_group(proc.pid) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_driver_stopped_by_a_signal_leaves_no_worker_running(ckpt, tmp_path, sig):
+    """``kill PID`` of the driver alone (not its process group): SIGTERM is handled as Ctrl-C
+    (exit 143, the note, workers stopped); after SIGKILL the kernel kills the workers. Before,
+    both left the workers planning on as orphans until their chunks ended. Finished episodes
+    are kept either way."""
+    out = tmp_path / "r.json"
+    argv = _eval(ckpt, out, "--tasks", "walker-walk", "--episodes", "40", "--workers", "2",
+                 "--batch-size", "4")
+    argv[argv.index("--max-steps") + 1] = "250"
+    proc = subprocess.Popen([sys.executable, "-m", "tdmpc_opt", *argv], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (_log(out).exists() and _episodes(out)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_alive_in_group(proc.pid)) >= 3  # the driver and its two workers
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=15)
+        deadline = time.monotonic() + 5
+        while _alive_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive_in_group(proc.pid) == []
+    finally:
+        if _alive_in_group(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and err.strip().splitlines() == [INTERRUPTED], err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert len(_episodes(out)) >= 4
+
+
 # ------------------------------------------------------------ 2: torn last line of the log
 def test_resume_skips_a_torn_line_and_appends_on_a_new_line(ckpt, tmp_path, capsys):
     out = tmp_path / "r.json"

@@ -31,8 +31,10 @@ steps, at most ``batch_size`` episodes, enough that every worker gets one; the l
 first. Results reach ``on_result`` as each chunk finishes; an episode seen twice (a retried
 chunk whose first attempt also reported) is counted once.
 
-Ctrl-C (or any error in the driver) stops local worker processes at once: they ignore SIGINT
-themselves (no traceback of theirs), and the driver terminates them, then kills any left.
+Ctrl-C, SIGTERM (the CLI raises it as Ctrl-C) or any error in the driver stops local worker
+processes at once: they ignore SIGINT themselves (no traceback of theirs), and the driver
+terminates them, then kills any left. A driver killed outright (SIGKILL) takes its workers
+with it on Linux (the kernel's parent-death signal).
 
 Fault injection (tests): ``TDMPC_OPT_FAULT_INJECT=CHUNK:MARKER`` makes the first attempt of
 chunk CHUNK create the file MARKER, run half its episodes and kill its worker process. The
@@ -45,6 +47,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -280,7 +283,7 @@ def _run_processes(path: str, job: _Job, specs: list[EpisodeSpec], workers: int,
     for attempt in range(max_retries + 1):
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx,
-                                 initializer=_quiet_worker) as pool:
+                                 initializer=_quiet_worker, initargs=(os.getpid(),)) as pool:
             try:
                 futures = {pool.submit(run_chunk, path, job, i, c): i for i, c in chunks.items()}
                 while futures:
@@ -299,13 +302,32 @@ def _run_processes(path: str, job: _Job, specs: list[EpisodeSpec], workers: int,
             return
 
 
-def _quiet_worker() -> None:
-    """Worker initializer: Ctrl-C is the driver's to handle (it stops the workers), and GLFW's
-    no-display warning is ignored, as the CLI does."""
+def _quiet_worker(driver_pid: int) -> None:
+    """Worker initializer: Ctrl-C is the driver's to handle (it stops the workers), the worker
+    dies with the driver, and GLFW's no-display warning is ignored, as the CLI does."""
     import warnings
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(driver_pid)
     warnings.filterwarnings("ignore", category=UserWarning, module="glfw")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """On Linux, have the kernel kill this process (SIGKILL) when ``parent_pid``, its parent,
+    dies: a driver killed with ``kill -9`` (no chance to stop its workers) leaves no orphan
+    planning on for minutes. Exits at once if the parent is already gone. Elsewhere nothing.
+
+    The signal follows the parent *thread* that started this process; pool workers are
+    started by the thread that submits the chunks and waits for them, which outlives them.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent_pid:  # died before the request was in place
+        os._exit(1)
 
 
 def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 3.0) -> None:

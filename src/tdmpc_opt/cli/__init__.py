@@ -7,15 +7,20 @@ adding one is adding a file. Every :class:`~tdmpc_opt.errors.TdmpcError` is prin
 ``error: ...`` with exit code 2, and so are failures of the machine rather than of the code
 (an operating-system error such as a folder that cannot be created, memory exhausted); a
 closed output pipe (``| head``) ends quietly; Ctrl-C exits with 130 and the command's note.
-Every command runs with :func:`~tdmpc_opt.allocator.keep_freed_memory`.
+SIGTERM (``kill PID``, ``timeout``, a scheduler's preemption) is handled as Ctrl-C -- the
+same clean-up, the same note -- and exits with 143. Every command runs with
+:func:`~tdmpc_opt.allocator.keep_freed_memory`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
 import warnings
 
 from tdmpc_opt.errors import TdmpcError
@@ -23,6 +28,33 @@ from tdmpc_opt.errors import TdmpcError
 INTERRUPTED = "interrupted; finished work is saved, run the same command again to continue"
 """Ctrl-C note of a command that does not set its own ``INTERRUPTED``."""
 _OUT_OF_MEMORY = "error: out of memory; try a smaller batch, model or sample count"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so that the same clean-up runs (worker
+    processes stopped, partial outputs removed, finished work kept)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within: the first SIGTERM raises :class:`Terminated`; later ones are ignored, so they
+    cannot cut that clean-up short (SIGKILL still ends the process). Nothing changes where
+    SIGTERM is already handled or ignored, or off the main thread (``main()`` called from a
+    library)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         from tdmpc_opt import products
 
         products.check_environment()  # a bad TDMPC_OPT_PRODUCTS before any work
-        return int(args._run(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args._run(args) or 0)
     except TdmpcError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(args._interrupted, file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # the reader of stdout went away (``| head``): nothing to say
         _silence_stdout()
         return 141
