@@ -102,41 +102,18 @@ def _alive_in_group(pgid: int) -> list[int]:
     return alive
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
-def test_ctrl_c_on_the_command_line_with_workers(ckpt, tmp_path):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C: exit 130 with the note only
-    (no traceback of the driver or the workers), finished episodes kept, no process left."""
-    out = tmp_path / "r.json"
-    argv = _eval(ckpt, out, "--tasks", "walker-walk", "--episodes", "40", "--workers", "2",
-                 "--batch-size", "4")
-    argv[argv.index("--max-steps") + 1] = "250"
-    proc = subprocess.Popen([sys.executable, "-m", "tdmpc_opt", *argv], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (_log(out).exists() and _episodes(out)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and err.strip().splitlines() == [INTERRUPTED], err
-    assert len(_episodes(out)) >= 4  # at least the first chunk
-    deadline = time.monotonic() + 5
-    while _alive_in_group(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _alive_in_group(proc.pid) == []
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
-def test_driver_stopped_by_a_signal_leaves_no_worker_running(ckpt, tmp_path, sig):
-    """``kill PID`` of the driver alone (not its process group): SIGTERM is handled as Ctrl-C
-    (exit 143, the note, workers stopped); after SIGKILL the kernel kills the workers. Before,
-    both left the workers planning on as orphans until their chunks ended. Finished episodes
-    are kept either way."""
+@pytest.mark.parametrize("sig,group,code", [
+    pytest.param(signal.SIGINT, True, 130, id="ctrl-c", marks=pytest.mark.slow),
+    pytest.param(signal.SIGTERM, False, 143, id="term"),
+    pytest.param(signal.SIGKILL, False, -signal.SIGKILL, id="kill"),
+])
+def test_stopped_eval_keeps_its_episodes_and_leaves_no_process(ckpt, tmp_path, sig, group, code):
+    """A terminal's Ctrl-C (SIGINT to the whole process group): exit 130 with the note only, no
+    traceback of the driver or the workers. ``kill PID`` of the driver alone: SIGTERM is handled
+    as Ctrl-C (exit 143, the note, workers stopped); after SIGKILL the kernel kills the workers
+    (both used to leave the workers planning on as orphans until their chunks ended). Finished
+    episodes are kept and no process of the run is left in every case."""
     out = tmp_path / "r.json"
     argv = _eval(ckpt, out, "--tasks", "walker-walk", "--episodes", "40", "--workers", "2",
                  "--batch-size", "4")
@@ -148,7 +125,10 @@ def test_driver_stopped_by_a_signal_leaves_no_worker_running(ckpt, tmp_path, sig
         while not (_log(out).exists() and _episodes(out)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(_alive_in_group(proc.pid)) >= 3  # the driver and its two workers
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=15)
         deadline = time.monotonic() + 5
         while _alive_in_group(proc.pid) and time.monotonic() < deadline:
@@ -157,11 +137,10 @@ def test_driver_stopped_by_a_signal_leaves_no_worker_running(ckpt, tmp_path, sig
     finally:
         if _alive_in_group(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 143 and err.strip().splitlines() == [INTERRUPTED], err
-    else:
-        assert proc.returncode == -signal.SIGKILL
-    assert len(_episodes(out)) >= 4
+    assert proc.returncode == code, err
+    if sig != signal.SIGKILL:
+        assert err.strip().splitlines() == [INTERRUPTED], err
+    assert len(_episodes(out)) >= 4  # at least the first chunk
 
 
 # ------------------------------------------------------------ 2: torn last line of the log
