@@ -304,6 +304,45 @@ def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, speed):
     assert steps == [2, 4, 6, 8, 10, 12]
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_checkpoints_the_update_under_way(tiny_cfg, tmp_path, sig):
+    """Ctrl-C or SIGTERM (raised as the CLI raises it) arriving in the middle of update 7, with
+    no checkpoint due before step 12: update 7 finishes, is checkpointed, and the run resumed
+    from it equals an uninterrupted one (without the checkpoint 7 updates would be lost)."""
+    import os
+    import signal
+
+    from tdmpc_opt.cli import Terminated, _sigterm_as_interrupt
+
+    ds = tiny_dataset(tmp_path / "ds", tiny_cfg)
+    cfg = TrainConfig(batch_size=16, steps=12, checkpoint_freq=12, log_freq=2)
+    straight, _ = _run(tmp_path, "a", cfg, tiny_cfg, ds)
+
+    learner = build_learner(tiny_cfg, cfg)
+    sampler = SequenceSampler(ds, cfg.batch_size, cfg.horizon, seed=cfg.seed,
+                              task_map=np.arange(tiny_cfg.num_tasks))
+    real_sample, calls = sampler.sample, []
+
+    def sample():
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), getattr(signal, sig))  # lands before update 7 has run
+        return real_sample()
+
+    sampler.sample = sample
+    run = RunDir(tmp_path / "b")
+    stopped = Terminated if sig == "SIGTERM" else KeyboardInterrupt
+    with pytest.raises(stopped), _sigterm_as_interrupt():
+        train_offline(learner, sampler, run)
+    assert learner.step == 7 and sorted(p.name for p in run.ckpt_dir.glob("step-*.pt")) == [
+        run.checkpoint_path(7).name]
+    resumed, _ = _run(tmp_path, "b", cfg, tiny_cfg, ds, resume=True)
+    assert resumed.step == 12
+    for (k, a), b in zip(straight.model.state_dict().items(),
+                         resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("size", [1])
 def test_published_size_update_runs(size):
     from tdmpc_opt.config import model_config_for

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tdmpc_opt.cli.train import INTERRUPTED as TRAIN_INTERRUPTED
+
 NAME = "distill"
 HELP = "train a small student from a frozen teacher (reward distillation and more)"
-INTERRUPTED = ("interrupted; the run directory keeps its last checkpoint: add --resume to the "
-               "same command to continue from it")
+INTERRUPTED = TRAIN_INTERRUPTED  # the same run directory and resume
 
 
 def add_arguments(p):

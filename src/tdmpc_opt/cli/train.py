@@ -28,8 +28,9 @@ import warnings
 
 NAME = "train"
 HELP = "train a world model offline from a dataset or online in an environment"
-INTERRUPTED = ("interrupted; the run directory keeps its last checkpoint: add --resume to the "
-               "same command to continue from it")
+INTERRUPTED = ("interrupted; the run directory holds its newest checkpoint (offline training in "
+               "one process checkpoints the update it was on): add --resume to the same "
+               "command to continue from it")
 LOSS_WEIGHTS = ("consistency_coef", "reward_coef", "value_coef", "termination_coef",
                 "entropy_coef")
 
