@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 # MuJoCo picks its OpenGL backend when dm_control is first imported: choose the headless EGL one
@@ -82,7 +83,9 @@ def tiny_planner() -> PlannerConfig:
 def _deterministic():
     """Every test starts seeded and on one intra-op thread; commands under test that set their
     own thread count (``--threads``, training's default of all cores) do not leak it into the
-    next test, whose float32 rounding would otherwise depend on the test order."""
+    next test, whose float32 rounding would otherwise depend on the test order. SIGTERM starts
+    with its default action, as in a new process (``ray.init`` leaves a handler of its own)."""
     torch.manual_seed(0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     yield
     torch.set_num_threads(1)

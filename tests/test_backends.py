@@ -249,3 +249,22 @@ def test_collect_refuses_a_bad_noise_list_in_one_line(ckpt, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main([*base, "--action-noise", "0,0.5"]) == 0  # a good list collects
     assert (tmp_path / "x" / "meta.json").is_file()
+
+
+def test_starting_ray_keeps_the_callers_sigterm_handling():
+    """``ray.init`` makes SIGTERM call sys.exit (exit 15, no clean-up note); the CLI's handling
+    (as Ctrl-C) is put back once Ray is up."""
+    import signal
+    from types import SimpleNamespace
+
+    from tdmpc_opt.backends import _connect
+    from tdmpc_opt.cli import _sigterm_as_interrupt
+
+    def init(**kwargs):  # what ray.init does to SIGTERM in the driver
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    fake_ray = SimpleNamespace(is_initialized=lambda: False, init=init)
+    with _sigterm_as_interrupt():
+        ours = signal.getsignal(signal.SIGTERM)
+        assert _connect(fake_ray, None, 1) is True
+        assert signal.getsignal(signal.SIGTERM) is ours

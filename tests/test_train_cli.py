@@ -78,6 +78,36 @@ def test_online_loop_and_resume(tiny_single_cfg, tmp_path):
     assert (tmp_path / "a" / "curve.png").stat().st_size > 1000
 
 
+def test_online_interrupt_checkpoints_the_episode_start(tiny_single_cfg, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of episode 4 (step 70; last checkpoint at 40): the start of that
+    episode (step 60, its buffer) is checkpointed and the resumed run equals an uninterrupted
+    one; the 20 steps of episode 3 are not lost."""
+    import os
+    import signal
+
+    a = _online(tmp_path, "a", 100, tiny_single_cfg)
+    real_step, steps = PointEnv.step, []
+
+    def step(self, action):
+        steps.append(1)
+        if len(steps) == 150:  # 40 evaluation steps at steps 0 and 40, then 70 of training
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, action)
+
+    monkeypatch.setattr(PointEnv, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        _online(tmp_path, "b", 100, tiny_single_cfg)
+    monkeypatch.undo()
+    run = RunDir(tmp_path / "b")
+    assert sorted(run.ckpt_dir.glob("step-*.pt")) == [run.checkpoint_path(40),
+                                                      run.checkpoint_path(60)]
+    c = _online(tmp_path, "b", 100, tiny_single_cfg, resume=True)
+    assert c.state.step == 120 and c.learner.step == a.learner.step
+    for (k, x), y in zip(a.learner.model.state_dict().items(),
+                         c.learner.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k
+
+
 def test_cli_offline_train_resume_collect(tmp_path, capsys):
     tasks = "walker-walk,cartpole-balance,pendulum-swingup"
     files = [write_official(tmp_path / f"chunk_{i}.pt", *make_episodes(6, 12, 24, 6, 3, seed=i))

@@ -49,6 +49,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -389,6 +390,9 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # ray.init makes SIGTERM call sys.exit (and leaves it so after shutdown); the caller's
+    # handling (the CLI's: as Ctrl-C, with its clean-up and note) is put back
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             _check_reachable(address)
@@ -396,6 +400,8 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
         else:
             ray.init(address="local", num_cpus=workers or os.cpu_count(),
                      include_dashboard=False, logging_level=logging.WARNING)
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"cannot start or reach Ray at {address or 'a local instance'}: "

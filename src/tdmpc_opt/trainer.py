@@ -7,8 +7,9 @@ sampler's and torch's random states (and, online, the replay buffer and environm
 
 Offline training stopped by Ctrl-C or SIGTERM (as the CLI raises it) finishes the update under
 way and, in a single process, checkpoints it before the interrupt goes on: no finished update
-is lost, and the resumed run still equals an uninterrupted one. Online training keeps its last
-checkpoint (its state between two episode boundaries is not checkpointed).
+is lost, and the resumed run still equals an uninterrupted one. Online training checkpoints
+the start of the episode under way (kept in memory at every episode start), so only that
+episode is played again.
 
 Offline training also runs under ``torchrun`` (:mod:`tdmpc_opt.distributed`): rank 0 alone
 evaluates and writes the run directory; its checkpoints also hold every rank's sampler and torch
@@ -21,6 +22,7 @@ random states, and a resumed run hands each rank its own.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import signal
@@ -292,14 +294,17 @@ class OnlineTrainer:
                                        seed=self.cfg.seed)
         self.rng = np.random.default_rng(self.cfg.seed)
         self.state = OnlineState()
+        self._fallback: dict | None = None  # a checkpoint's state at the episode's start
         self.evaluate = evaluate or (lambda m: evaluate_model(
             m, (task,), self.cfg.eval_episodes, self.cfg.seed, planner, make_env))
         self.last: dict[str, float] = {}
 
     # -------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        return {**_state(self.learner, self.sampler), "buffer": self.buffer.state_dict(),
-                "online": dataclasses.asdict(self.state),
+        return {**self._state_but_buffer(), "buffer": self.buffer.state_dict()}
+
+    def _state_but_buffer(self) -> dict:
+        return {**_state(self.learner, self.sampler), "online": dataclasses.asdict(self.state),
                 "action_rng": _json_rng(self.rng)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -329,15 +334,35 @@ class OnlineTrainer:
         self._t0 = time.perf_counter()
         if st.step == 0 and self.cfg.eval_freq:
             st.eval_next = True
-        while st.step <= self.cfg.steps:
-            if not resumed:
-                self._boundary()
-            resumed = False
-            obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, st.episode))
-            self._episode(obs, bar)
-        self._boundary(final=True)
+        try:
+            while st.step <= self.cfg.steps:
+                if not resumed:
+                    self._boundary()
+                resumed = False
+                # What an interrupted episode falls back to: the replay buffer changes only
+                # when the episode ends, so this copy and the buffer make a checkpoint.
+                self._fallback = copy.deepcopy(self._state_but_buffer())
+                obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, st.episode))
+                self._episode(obs, bar)
+            self._boundary(final=True)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished episodes
+            bar.close()
+            self._save_fallback()
+            raise
         bar.close()
         return self.last
+
+    def _save_fallback(self) -> None:
+        """Checkpoint the state at the start of the episode under way, if it is newer than the
+        last checkpoint (the episode's own steps are replayed on resume, so the resumed run
+        equals an uninterrupted one). Nothing when interrupted after an episode has entered
+        the buffer and before the next one starts (evaluation, checkpointing)."""
+        fallback, self._fallback = self._fallback, None
+        if self.run is None or fallback is None:
+            return
+        step = int(fallback["online"]["step"])
+        if step > self.state.last_ckpt:
+            self.run.save_checkpoint(step, {**fallback, "buffer": self.buffer.state_dict()})
 
     def _boundary(self, final: bool = False) -> None:
         """Between episodes: evaluate when due, checkpoint when due."""
@@ -388,8 +413,10 @@ class OnlineTrainer:
                 _show(bar, self.last)
                 if self.run is not None:
                     self.run.log("train", st.step, self.last)
-        self.buffer.add(np.stack(obs_l), np.stack(act_l), np.array(rew_l, np.float32),
-                        np.array(term_l, np.uint8))
+        with _finish_before_interrupt():  # the buffer and the fallback change together
+            self.buffer.add(np.stack(obs_l), np.stack(act_l), np.array(rew_l, np.float32),
+                            np.array(term_l, np.uint8))
+            self._fallback = None
         st.episode += 1
         if self.run is not None:
             self.run.log("episode", st.step, {"episode": st.episode,
