@@ -304,6 +304,25 @@ def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, speed):
     assert steps == [2, 4, 6, 8, 10, 12]
 
 
+def test_interrupt_waits_for_the_block_but_a_second_one_acts_at_once():
+    import signal
+
+    from tdmpc_opt.trainer import _finish_before_interrupt
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), _finish_before_interrupt():
+        signal.raise_signal(signal.SIGINT)
+        done.append("finished")  # the block goes on; the interrupt comes at its end
+    assert done == ["finished"]
+    with pytest.raises(KeyboardInterrupt), _finish_before_interrupt():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C again: at once
+        done.append("not reached")
+    assert done == ["finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_interrupt_checkpoints_the_update_under_way(tiny_cfg, tmp_path, sig):
     """Ctrl-C or SIGTERM (raised as the CLI raises it) arriving in the middle of update 7, with
