@@ -201,9 +201,54 @@ def test_interrupted_convert_says_what_is_left(src, tmp_path, capsys, monkeypatc
     assert _convert(src, old, "--overwrite") == 130
     err = capsys.readouterr().err.strip()
     assert err == data_cli.INTERRUPTED and "nothing was written" in err
-    assert "kept" in collect_cli.INTERRUPTED and "removed" in collect_cli.INTERRUPTED
     assert _snapshot(old) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "src"]  # no partial output
+
+
+def test_interrupted_collect_keeps_its_episodes_and_finishes_the_same(ckpt, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Ctrl-C after 3 of 6 episodes: they are kept beside the output (no dataset yet); the same
+    command collects only the other 3 and writes the dataset an uninterrupted run writes; a
+    run with another seed is refused while the interrupted one is there; more --episodes add
+    to what is kept."""
+    def collect(out, episodes="3", *extra):
+        return main(["collect", "--checkpoint", ckpt, "--tasks", "cartpole-balance,walker-walk",
+                     "--episodes", episodes, "--max-steps", "3", "--policy", "--explore",
+                     "--batch", "1", "--out", str(out), *extra])
+
+    assert collect(tmp_path / "straight") == 0
+    capsys.readouterr()
+    store = tmp_path / ".ds.collecting"
+    add, added = collect_cli.EpisodeStore.add, []
+
+    def add_then_interrupt(self, res):
+        add(self, res)
+        added.append(res.episode)
+        if len(added) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(collect_cli.EpisodeStore, "add", add_then_interrupt)
+    assert collect(tmp_path / "ds") == 130
+    assert capsys.readouterr().err.strip() == collect_cli.INTERRUPTED
+    assert not (tmp_path / "ds").exists() and len(list(store.glob("*.npz"))) == 3
+    monkeypatch.undo()
+    assert collect(tmp_path / "ds", "3", "--seed", "1") == 2
+    _one_line_error(capsys, "other settings (seed)", str(store))
+    ran = []
+    monkeypatch.setattr(collect_cli.EpisodeStore, "add",
+                        lambda self, res: ran.append(res) or add(self, res))
+    assert collect(tmp_path / "ds") == 0
+    assert "continuing: 3 of 6 episodes were collected before" in capsys.readouterr().out
+    assert len(ran) == 3 and not store.exists()
+    assert _snapshot(tmp_path / "ds") == _snapshot(tmp_path / "straight")
+    # more episodes than an interrupted run asked for: its episodes count
+    monkeypatch.setattr(collect_cli.EpisodeStore, "add", add_then_interrupt)
+    added.clear()
+    assert collect(tmp_path / "more", "4") == 130
+    monkeypatch.undo()
+    assert collect(tmp_path / "more", "5") == 0
+    assert Dataset(tmp_path / "more").num_episodes == 10 and not (
+        tmp_path / ".more.collecting").exists()
 
 
 # ------------------------------------------------------------ 7. a short task message

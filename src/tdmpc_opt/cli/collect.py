@@ -19,15 +19,19 @@ runs them as Ray tasks on a cluster (--ray-address auto or HOST:PORT) or on a lo
 instance (needs the ray extra). Workers send whole episodes back; this process writes them
 in task order, then episode order, so every backend and worker count writes the same
 dataset. A worker that dies is replaced and its episodes rerun. See docs/scaling.md.
+
+Interrupted (Ctrl-C, SIGTERM, a crash), nothing is lost: every finished episode is kept in a
+hidden folder beside the output (`.NAME.collecting`), and the same command run again collects
+only the missing ones (more --episodes adds episodes; other settings are refused). The dataset
+appears only when every episode is there, and equals an uninterrupted collection's.
 """
 
 from __future__ import annotations
 
 NAME = "collect"
 HELP = "roll an agent out and write its episodes in the dataset format"
-INTERRUPTED = ("interrupted; nothing was written: the episodes collected so far are removed and "
-               "a dataset that --overwrite was replacing is kept as it was; run the command "
-               "again to collect from the start")
+INTERRUPTED = ("interrupted; the finished episodes are kept (and a dataset that --overwrite was "
+               "replacing as it was): run the same command again to collect the rest")
 
 
 def add_arguments(p):
@@ -51,6 +55,110 @@ def add_arguments(p):
     add_backend_arguments(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output that is an empty folder or a dataset")
+
+
+class EpisodeStore:
+    """Finished episodes of one collection, one ``.npz`` per episode (written atomically), in a
+    folder that outlives an interrupted run, with the settings that made them.
+
+    Args:
+        folder: the store's folder (created if missing).
+        identity: everything that decides an episode's steps besides its task, number and
+            seed (checkpoint hash, planner, noise, --max-steps, --seed): a folder made with
+            other settings is refused, so episodes of two collections never mix.
+    Raises:
+        DataError: the folder holds a collection with other settings.
+    """
+
+    IDENTITY = "collection.json"
+
+    def __init__(self, folder, identity: dict):
+        import json
+        from pathlib import Path
+
+        from tdmpc_opt.errors import DataError
+
+        self.folder = Path(folder)
+        meta = self.folder / self.IDENTITY
+        if meta.is_file():
+            try:
+                stored = json.loads(meta.read_text())
+            except ValueError:
+                stored = None
+            if stored != identity:
+                diff = sorted(k for k in identity if not isinstance(stored, dict)
+                              or stored.get(k) != identity[k])
+                raise DataError(f"{self.folder} holds an interrupted collection made with other "
+                                f"settings ({', '.join(diff) or 'unreadable'}): run that command "
+                                "again to finish it, or delete the folder to start over")
+        else:
+            from tdmpc_opt.checkpoints import atomic_write
+
+            atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(identity) + "\n"))
+        for tmp in self.folder.glob(".*.tmp*"):  # left by a killed write
+            tmp.unlink(missing_ok=True)
+
+    def _path(self, task: str, episode: int):
+        return self.folder / f"{task}-{episode:06d}.npz"
+
+    def has(self, spec) -> bool:
+        return self._path(spec.task, spec.episode).is_file()
+
+    def add(self, res) -> None:
+        """Keep one finished episode (an :class:`~tdmpc_opt.evaluation.EpisodeResult` with its
+        trajectory)."""
+        import numpy as np
+
+        from tdmpc_opt.checkpoints import atomic_write
+
+        tr = res.trajectory
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, obs=tr.obs, action=tr.action, reward=tr.reward,
+                         seed=res.seed, episode_return=res.episode_return)
+
+        atomic_write(self._path(res.task, res.episode), write)
+
+    def load(self, spec):
+        """The stored episode of ``spec`` as an EpisodeResult with its trajectory.
+
+        Raises:
+            DataError: the file is unreadable or belongs to another seed.
+        """
+        import numpy as np
+
+        from tdmpc_opt.errors import DataError
+        from tdmpc_opt.evaluation import EpisodeResult, Trajectory
+
+        path = self._path(spec.task, spec.episode)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                tr = Trajectory(f["obs"], f["action"], f["reward"])
+                seed, ret = int(f["seed"]), float(f["episode_return"])
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{path}: unreadable ({e}); delete it to collect that episode "
+                            "again") from None
+        if seed != spec.seed:
+            raise DataError(f"{path}: made with seed {seed}, not {spec.seed}; delete it to "
+                            "collect that episode again")
+        return EpisodeResult(spec.task, spec.episode, seed, ret, len(tr.reward) - 1,
+                             trajectory=tr)
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def store_folder(out) -> str:
+    """Where ``tdmpc-opt collect --out OUT`` keeps finished episodes until the dataset is
+    written: ``.NAME.collecting`` beside it."""
+    import os
+    from pathlib import Path
+
+    full = Path(os.path.abspath(out))
+    return str(full.with_name(f".{full.name}.collecting"))
 
 
 class EpisodeWriter:
@@ -173,15 +281,35 @@ def run(args) -> int:
         raise TaskError(f"the model was not trained on {', '.join(unknown[:3])}{more} (its "
                         f"tasks: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; "
                         f"`tdmpc-opt info {args.checkpoint}` lists them)")
+    from tdmpc_opt.backends import run_rollouts
+    from tdmpc_opt.checkpoints import file_sha256
+    from tdmpc_opt.evaluation import episode_specs
+
+    noise = list(args.action_noise) if isinstance(args.action_noise, tuple) else \
+        args.action_noise
+    store = EpisodeStore(store_folder(args.out), {
+        "checkpoint_sha256": file_sha256(ckpt), "seed": args.seed, "mpc": planner.mpc,
+        "explore": args.explore, "action_noise": noise, "max_steps": args.max_steps})
+    specs = episode_specs(tasks, args.episodes, args.seed)
+    todo = [s for s in specs if not store.has(s)]
+    if len(todo) < len(specs):
+        print(f"continuing: {len(specs) - len(todo)} of {len(specs)} episodes were collected "
+              f"before (kept in {store.folder})")
+    if todo:
+        run_rollouts(str(ckpt), planner, todo, batch_size=args.batch, max_steps=args.max_steps,
+                     on_result=store.add, eval_mode=not args.explore,
+                     action_noise=args.action_noise, trajectories=True, backend=args.backend,
+                     workers=args.workers, ray_address=args.ray_address)
     returns: dict[str, list[float]] = {}
     with DatasetWriter(args.out, tuple(names), cfg.obs_dim, cfg.action_dim,
                        overwrite=args.overwrite, source=f"collected with {ckpt.name}") as w:
-        n = collect_on_backend(str(ckpt), planner, cfg, tasks, args.episodes, w, args.seed,
-                               args.explore, args.action_noise, args.batch, args.max_steps,
-                               lambda t, r: returns.setdefault(t, []).append(r),
-                               backend=args.backend, workers=args.workers,
-                               ray_address=args.ray_address)
+        out = EpisodeWriter(w, specs, _task_ids(cfg, tasks),
+                            lambda t, r: returns.setdefault(t, []).append(r))
+        for spec in specs:
+            out.on_result(store.load(spec))
+        n = out.finish()
         ds = w.close()
+    store.remove()
     for task, rs in returns.items():
         print(f"{task}: {len(rs)} episodes, mean return {sum(rs) / len(rs):.1f}")
     print(f"wrote {ds.path}: {ds.num_episodes} episodes, {n:,} transitions")
