@@ -205,6 +205,18 @@ def _finish_before_interrupt():
             signal.raise_signal(sig)
 
 
+def _cpu_copy(obj):
+    """A copy of a state (nested dicts and lists) with every tensor copied to the CPU, so that
+    a copy kept aside takes no accelerator memory (checkpoints are loaded from the CPU anyway)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 def _state(learner: TDMPC2Learner, sampler: SequenceSampler, extra_state=None) -> dict:
     state = {"learner": learner.state_dict(), "sampler": sampler.state_dict(),
              "torch_rng": torch.get_rng_state(), "step": learner.step}
@@ -355,7 +367,7 @@ class OnlineTrainer:
                 resumed = False
                 # What an interrupted episode falls back to: the replay buffer changes only
                 # when the episode ends, so this copy and the buffer make a checkpoint.
-                self._fallback = copy.deepcopy(self._state_but_buffer())
+                self._fallback = _cpu_copy(self._state_but_buffer())
                 obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, st.episode))
                 self._episode(obs, bar)
             self._boundary(final=True)
