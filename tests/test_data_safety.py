@@ -249,6 +249,14 @@ def test_interrupted_collect_keeps_its_episodes_and_finishes_the_same(ckpt, tmp_
     assert collect(tmp_path / "more", "5") == 0
     assert Dataset(tmp_path / "more").num_episodes == 10 and not (
         tmp_path / ".more.collecting").exists()
+    # each episode leaves memory once kept: the results the rollouts return hold no steps
+    import tdmpc_opt.backends as backends
+
+    real, returned = backends.run_rollouts, []
+    monkeypatch.setattr(backends, "run_rollouts",
+                        lambda *a, **k: returned.extend(real(*a, **k)) or returned)
+    assert collect(tmp_path / "mem") == 0
+    assert len(returned) == 6 and all(r.trajectory is None for r in returned)
 
 
 # ------------------------------------------------------------ 7. a short task message

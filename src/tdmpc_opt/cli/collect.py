@@ -106,7 +106,7 @@ class EpisodeStore:
 
     def add(self, res) -> None:
         """Keep one finished episode (an :class:`~tdmpc_opt.evaluation.EpisodeResult` with its
-        trajectory)."""
+        trajectory); the result then drops its trajectory (no episode waits in memory)."""
         import numpy as np
 
         from tdmpc_opt.checkpoints import atomic_write
@@ -119,6 +119,7 @@ class EpisodeStore:
                          seed=res.seed, episode_return=res.episode_return)
 
         atomic_write(self._path(res.task, res.episode), write)
+        res.trajectory = None
 
     def load(self, spec):
         """The stored episode of ``spec`` as an EpisodeResult with its trajectory.
