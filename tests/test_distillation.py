@@ -122,6 +122,45 @@ def test_cache_refuses_another_teacher_or_dataset(tiny_cfg, tmp_path):
         cache.check("sha-a", other)
 
 
+def test_interrupted_cache_build_continues_where_it_stopped(tiny_cfg, tmp_path, monkeypatch):
+    """Ctrl-C after 3 chunks of 7 rows: the build started again computes only the rest and
+    writes the same bytes as an uninterrupted build; with another teacher it starts over."""
+    import tdmpc_opt.teacher_cache as tc
+
+    monkeypatch.setattr(tc, "PROGRESS_EVERY_S", 0.0)  # record after every chunk
+    teacher = _nontrivial(WorldModel(tiny_cfg)).eval()
+    ds = _dataset(tmp_path, tiny_cfg)
+    n, tasks = ds.obs.shape[0], np.arange(tiny_cfg.num_tasks)
+    straight = build_cache(teacher, "sha-a", ds, tmp_path / "straight", tasks, chunk=7)
+    rows = []
+
+    def interrupt_after_3_chunks(k):
+        rows.append(k)
+        if len(rows) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(teacher, "sha-a", ds, tmp_path / "cache", tasks, chunk=7,
+                    progress=interrupt_after_3_chunks)
+    assert not (tmp_path / "cache").exists() and (tmp_path / "cache.partial").is_dir()
+    rows.clear()
+    cache = build_cache(teacher, "sha-a", ds, tmp_path / "cache", tasks, chunk=7,
+                        progress=rows.append)
+    assert rows[0] == 21 and sum(rows) == n  # the 3 recorded chunks skipped, the rest computed
+    assert not (tmp_path / "cache.partial").exists()
+    for name in straight.meta["fields"]:
+        assert (cache.path / f"{name}.npy").read_bytes() == \
+            (straight.path / f"{name}.npy").read_bytes(), name
+    assert cache.meta == straight.meta
+    with pytest.raises(KeyboardInterrupt):  # interrupted again, then another teacher
+        rows.clear()
+        build_cache(teacher, "sha-a", ds, tmp_path / "other", tasks, chunk=7,
+                    progress=interrupt_after_3_chunks)
+    rows.clear()
+    build_cache(teacher, "sha-b", ds, tmp_path / "other", tasks, chunk=7, progress=rows.append)
+    assert rows[0] == 7 and sum(rows) == n
+
+
 def test_incompatible_teacher_is_refused(tiny_cfg):
     other = model_config_for(("walker-walk", "cartpole-balance"), None, enc_dim=16, mlp_dim=16,
                              latent_dim=16, task_dim=8)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,21 +66,35 @@ def build_cache(teacher: WorldModel, teacher_sha256: str, ds, out: str | Path,
                 progress=None) -> TeacherCache:
     """Compute and write the teacher targets of every row of dataset ``ds``.
 
-    Written into a temporary directory renamed at the end: an interrupted build leaves no
-    cache that looks complete.
+    Written into a temporary directory (``OUT.partial``) renamed at the end, so an interrupted
+    build never leaves a cache that looks complete; after each chunk of rows the arrays are
+    flushed and the rows done recorded, so a build started again with the same teacher,
+    dataset and settings continues where the interrupted one stopped (the same bytes as one
+    uninterrupted build; anything else starts over).
     """
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     n, a_dim = ds.obs.shape[0], teacher.cfg.action_dim
     dims = {"reward": 1, "q": 1, "pi_mean": a_dim, "pi_log_std": a_dim}
     if latent:
         dims["latent"] = teacher.cfg.latent_dim
-    arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", "w+", np.float32, (n, d))
-              for k, d in dims.items()}
+    meta = {"format": FORMAT, "version": VERSION, "teacher_sha256": teacher_sha256,
+            "dataset": dataset_fingerprint(ds), "num_rows": n, "fields": dims,
+            "teacher_latent_dim": teacher.cfg.latent_dim}
+    identity = {**meta, "chunk": chunk}  # a row's rounding depends on its chunk's size
+    start = _rows_done(tmp, identity)
+    arrays = _open_arrays(tmp, dims, n) if start else None
+    if arrays is None:
+        start = 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", "w+", np.float32, (n, d))
+                  for k, d in dims.items()}
+    elif progress:
+        progress(start)
     device = next(teacher.parameters()).device
-    for lo in range(0, n, chunk):
+    saved = time.monotonic()
+    for lo in range(start, n, chunk):
         hi = min(n, lo + chunk)
         obs = torch.from_numpy(np.array(ds.obs[lo:hi])).to(device)
         act = np.zeros((hi - lo, ds.action.shape[1]), np.float32)
@@ -90,17 +105,59 @@ def build_cache(teacher: WorldModel, teacher_sha256: str, ds, out: str | Path,
         tt = teacher_targets(teacher, obs, torch.from_numpy(act).to(device), task, latent)
         for k in dims:
             arrays[k][lo:hi] = getattr(tt, k).cpu().numpy()
+        if time.monotonic() - saved >= PROGRESS_EVERY_S and hi < n:
+            for arr in arrays.values():
+                arr.flush()
+            _write_json(tmp / _PROGRESS, {**identity, "rows_done": hi})
+            saved = time.monotonic()
         if progress:
             progress(hi - lo)
     for arr in arrays.values():
         arr.flush()
-    meta = {"format": FORMAT, "version": VERSION, "teacher_sha256": teacher_sha256,
-            "dataset": dataset_fingerprint(ds), "num_rows": n, "fields": dims,
-            "teacher_latent_dim": teacher.cfg.latent_dim}
+    del arrays  # unmapped before the folder is renamed
+    (tmp / _PROGRESS).unlink(missing_ok=True)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return TeacherCache(out)
+
+
+_PROGRESS = "progress.json"
+"""In an unfinished build's folder: its identity and how many rows are done."""
+PROGRESS_EVERY_S = 10.0
+"""Seconds between two records of a build's progress (each flushes the arrays to disk)."""
+
+
+def _open_arrays(tmp: Path, dims: dict[str, int], n: int) -> dict[str, np.ndarray] | None:
+    """An interrupted build's arrays, writable, or None if any is missing or malformed."""
+    arrays = {}
+    for k, d in dims.items():
+        try:
+            arr = np.lib.format.open_memmap(tmp / f"{k}.npy", "r+")
+        except (OSError, ValueError):
+            return None
+        if arr.shape != (n, d) or arr.dtype != np.float32:
+            return None
+        arrays[k] = arr
+    return arrays
+
+
+def _rows_done(tmp: Path, identity: dict) -> int:
+    """Rows an earlier, interrupted build with the same ``identity`` finished (else 0)."""
+    try:
+        done = json.loads((tmp / _PROGRESS).read_text())
+    except (OSError, ValueError):
+        return 0
+    rows = done.pop("rows_done", 0) if isinstance(done, dict) else 0
+    if done != identity or not isinstance(rows, int) or not 0 < rows <= identity["num_rows"]:
+        return 0
+    return rows
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from tdmpc_opt.checkpoints import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
 
 
 class TeacherCache:
