@@ -140,6 +140,44 @@ def test_distill_resume_refuses_other_coefficients(dataset, tmp_path, capsys):
     assert "other settings (reward_coef differ)" in _error(capsys)
 
 
+def test_distill_collect_interrupted_keeps_its_episodes(tmp_path, capsys, monkeypatch):
+    """``distill --collect 3``: Ctrl-C after 2 of 3 teacher episodes keeps them; --resume
+    collects the third only, and the data equal an uninterrupted run's."""
+    from tdmpc_opt.cli import collect as collect_cli
+
+    teacher = tmp_path / "teacher.safetensors"
+    cfg = model_config_for(tuple(TASKS.split(",")), None, enc_dim=32, mlp_dim=32,
+                           latent_dim=16, task_dim=8, num_q=2)
+    save_checkpoint(teacher, WorldModel(cfg))
+
+    def distill(run, *extra):
+        return main(["distill", "--teacher", str(teacher), "--collect", "3", "--tasks",
+                     "cartpole-balance", "--run-dir", str(run), "--quiet", "enc_dim=16",
+                     "mlp_dim=16", "latent_dim=16", "task_dim=4", "steps=2", "batch_size=8",
+                     "eval_freq=0", "threads=1", *extra])
+
+    assert distill(tmp_path / "straight") == 0
+    add, added = collect_cli.EpisodeStore.add, []
+
+    def add_then_interrupt(self, res):
+        add(self, res)
+        added.append(res)
+        if len(added) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(collect_cli.EpisodeStore, "add", add_then_interrupt)
+    assert distill(tmp_path / "d") == 130
+    assert len(list((tmp_path / "d" / ".data.collecting").glob("*.npz"))) == 2
+    monkeypatch.setattr(collect_cli.EpisodeStore, "add",
+                        lambda self, res: added.append(res) or add(self, res))
+    assert distill(tmp_path / "d", "--resume") == 0
+    assert len(added) == 3 and not (tmp_path / "d" / ".data.collecting").exists()
+    for name in ("obs.npy", "action.npy", "reward.npy", "episodes.npy"):
+        assert (tmp_path / "d" / "data" / name).read_bytes() == \
+            (tmp_path / "straight" / "data" / name).read_bytes(), name
+    capsys.readouterr()
+
+
 # ------------------------------------------------------------ 3. pipeline settings
 @pytest.fixture
 def no_stages(monkeypatch):

@@ -146,10 +146,23 @@ class EpisodeStore:
         return EpisodeResult(spec.task, spec.episode, seed, ret, len(tr.reward) - 1,
                              trajectory=tr)
 
-    def remove(self) -> None:
+    def write_dataset(self, out, specs, names: tuple[str, ...], cfg, task_ids: dict[str, int],
+                      overwrite: bool = False, source: str = "", on_episode=None):
+        """Write the kept episodes of ``specs`` (all must be here) as dataset ``out`` in spec
+        order, then remove this folder. Returns (the dataset, transitions written)."""
         import shutil
 
+        from tdmpc_opt.data import DatasetWriter
+
+        with DatasetWriter(out, names, cfg.obs_dim, cfg.action_dim, overwrite=overwrite,
+                           source=source) as w:
+            writer = EpisodeWriter(w, specs, task_ids, on_episode)
+            for spec in specs:
+                writer.on_result(self.load(spec))
+            n = writer.finish()
+            ds = w.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+        return ds, n
 
 
 def store_folder(out) -> str:
@@ -260,7 +273,7 @@ def run(args) -> int:
     from tdmpc_opt.backends import cached_agent
     from tdmpc_opt.cli._common import check_backend_options
     from tdmpc_opt.config import PlannerConfig
-    from tdmpc_opt.data import DatasetWriter, check_output
+    from tdmpc_opt.data import check_output
     from tdmpc_opt.errors import CheckpointError, TaskError
     from tdmpc_opt.tasks import resolve_tasks
 
@@ -302,15 +315,9 @@ def run(args) -> int:
                      action_noise=args.action_noise, trajectories=True, backend=args.backend,
                      workers=args.workers, ray_address=args.ray_address)
     returns: dict[str, list[float]] = {}
-    with DatasetWriter(args.out, tuple(names), cfg.obs_dim, cfg.action_dim,
-                       overwrite=args.overwrite, source=f"collected with {ckpt.name}") as w:
-        out = EpisodeWriter(w, specs, _task_ids(cfg, tasks),
-                            lambda t, r: returns.setdefault(t, []).append(r))
-        for spec in specs:
-            out.on_result(store.load(spec))
-        n = out.finish()
-        ds = w.close()
-    store.remove()
+    ds, n = store.write_dataset(args.out, specs, tuple(names), cfg, _task_ids(cfg, tasks),
+                                overwrite=args.overwrite, source=f"collected with {ckpt.name}",
+                                on_episode=lambda t, r: returns.setdefault(t, []).append(r))
     for task, rs in returns.items():
         print(f"{task}: {len(rs)} episodes, mean return {sum(rs) / len(rs):.1f}")
     print(f"wrote {ds.path}: {ds.num_episodes} episodes, {n:,} transitions")

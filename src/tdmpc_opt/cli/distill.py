@@ -77,11 +77,13 @@ def _distill_config(args):
 
 
 def _collect(args, teacher_path: Path, run_dir) -> Path:
-    """Roll the teacher out (policy prior with exploration) into RUN_DIR/data, once."""
+    """Roll the teacher out (policy prior with exploration) into RUN_DIR/data, once; an
+    interrupted collection keeps its finished episodes and continues (as ``collect``)."""
     from tdmpc_opt.agent import load_agent
-    from tdmpc_opt.cli.collect import collect_episodes
-    from tdmpc_opt.data import DatasetWriter
+    from tdmpc_opt.checkpoints import file_sha256
+    from tdmpc_opt.cli.collect import EpisodeStore, _task_ids, store_folder
     from tdmpc_opt.errors import ConfigError
+    from tdmpc_opt.evaluation import episode_specs, run_episodes
     from tdmpc_opt.tasks import resolve_tasks
 
     out = run_dir.path / "data"
@@ -95,10 +97,14 @@ def _collect(args, teacher_path: Path, run_dir) -> Path:
 
     check_tasks(agent, tasks)
     names = agent.cfg.tasks if agent.cfg.multitask else tasks[:1]
-    with DatasetWriter(out, tuple(names), agent.cfg.obs_dim, agent.cfg.action_dim,
-                       overwrite=True, source=f"collected from {teacher_path.name}") as w:
-        collect_episodes(agent, tasks, args.collect, w, seed=0, explore=True)
-        w.close()
+    store = EpisodeStore(store_folder(out), {
+        "checkpoint_sha256": file_sha256(teacher_path), "seed": 0, "mpc": False,
+        "explore": True, "action_noise": 0.0, "max_steps": None})
+    specs = episode_specs(tasks, args.collect, 0)
+    todo = [s for s in specs if not store.has(s)]
+    run_episodes(agent, todo, 16, None, False, store.add, trajectories=True)
+    store.write_dataset(out, specs, tuple(names), agent.cfg, _task_ids(agent.cfg, tasks),
+                        overwrite=True, source=f"collected from {teacher_path.name}")
     return out
 
 
