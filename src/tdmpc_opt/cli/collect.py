@@ -234,8 +234,8 @@ def collect_episodes(agent, tasks, episodes: int, writer, seed: int = 0, explore
     """Run ``episodes`` episodes of each task with ``agent`` in this process and append them
     to ``writer`` (task order, then episode order).
 
-    Returns the number of transitions written. The same episodes as
-    :func:`collect_on_backend` with the same seed, whatever ``batch``.
+    Returns the number of transitions written. The same episodes as ``tdmpc-opt collect``
+    with the same seed, whatever ``batch`` or backend.
     """
     from tdmpc_opt.evaluation import episode_specs, run_episodes
 
@@ -243,27 +243,6 @@ def collect_episodes(agent, tasks, episodes: int, writer, seed: int = 0, explore
     out = EpisodeWriter(writer, specs, _task_ids(agent.cfg, tasks), on_episode)
     run_episodes(agent, specs, batch, max_steps, not explore, out.on_result, make_env=make_env,
                  action_noise=action_noise, trajectories=True)
-    return out.finish()
-
-
-def collect_on_backend(checkpoint, planner, cfg, tasks, episodes: int, writer, seed: int = 0,
-                       explore: bool = False, action_noise: float | tuple[float, ...] = 0.0,
-                       batch: int = 16, max_steps: int | None = None, on_episode=None,
-                       **backend) -> int:
-    """:func:`collect_episodes` with the agent of ``checkpoint`` (model config ``cfg``)
-    planning with ``planner``, on a rollout backend: ``backend`` holds the keyword arguments
-    ``backend``, ``workers``, ``ray_address``, ... of :func:`~tdmpc_opt.backends.run_rollouts`.
-
-    Returns the number of transitions written.
-    """
-    from tdmpc_opt.backends import run_rollouts
-    from tdmpc_opt.evaluation import episode_specs
-
-    specs = episode_specs(tasks, episodes, seed)
-    out = EpisodeWriter(writer, specs, _task_ids(cfg, tasks), on_episode)
-    run_rollouts(checkpoint, planner, specs, batch_size=batch, max_steps=max_steps,
-                 on_result=out.on_result, eval_mode=not explore, action_noise=action_noise,
-                 trajectories=True, **backend)
     return out.finish()
 
 
