@@ -83,6 +83,12 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def write_json(path: str | Path, data, indent: int = 1) -> None:
+    """Write ``data`` as JSON with :func:`atomic_write` (never half a file)."""
+    text = json.dumps(data, indent=indent) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")

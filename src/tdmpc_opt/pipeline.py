@@ -397,10 +397,9 @@ class Pipeline:
 
 # ---------------------------------------------------------------------------- helpers
 def _write_json(path: Path, data) -> None:
-    from tdmpc_opt.checkpoints import atomic_write
+    from tdmpc_opt.checkpoints import write_json
 
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    write_json(path, data, indent=2)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

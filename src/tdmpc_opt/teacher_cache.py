@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tdmpc_opt.checkpoints import write_json
 from tdmpc_opt.distillation import TeacherTargets, teacher_targets
 from tdmpc_opt.errors import DataError
 from tdmpc_opt.world_model import WorldModel
@@ -108,7 +109,7 @@ def build_cache(teacher: WorldModel, teacher_sha256: str, ds, out: str | Path,
         if time.monotonic() - saved >= PROGRESS_EVERY_S and hi < n:
             for arr in arrays.values():
                 arr.flush()
-            _write_json(tmp / _PROGRESS, {**identity, "rows_done": hi})
+            write_json(tmp / _PROGRESS, {**identity, "rows_done": hi})
             saved = time.monotonic()
         if progress:
             progress(hi - lo)
@@ -152,12 +153,6 @@ def _rows_done(tmp: Path, identity: dict) -> int:
     if done != identity or not isinstance(rows, int) or not 0 < rows <= identity["num_rows"]:
         return 0
     return rows
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from tdmpc_opt.checkpoints import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
 
 
 class TeacherCache:

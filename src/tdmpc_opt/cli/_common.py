@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -99,10 +98,10 @@ def _check_parents(path: Path) -> None:
 
 
 def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically (indent 1)."""
-    from tdmpc_opt.checkpoints import atomic_write
+    """Write JSON atomically (indent 1); imports the checkpoint module only when called."""
+    from tdmpc_opt.checkpoints import write_json as write
 
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+    write(path, data)
 
 
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:

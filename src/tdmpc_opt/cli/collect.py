@@ -92,9 +92,9 @@ class EpisodeStore:
                                 f"settings ({', '.join(diff) or 'unreadable'}): run that command "
                                 "again to finish it, or delete the folder to start over")
         else:
-            from tdmpc_opt.checkpoints import atomic_write
+            from tdmpc_opt.checkpoints import write_json
 
-            atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(identity) + "\n"))
+            write_json(meta, identity)
         for tmp in self.folder.glob(".*.tmp*"):  # left by a killed write
             tmp.unlink(missing_ok=True)
 
