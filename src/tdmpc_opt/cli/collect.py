@@ -98,11 +98,25 @@ class EpisodeStore:
         for tmp in self.folder.glob(".*.tmp*"):  # left by a killed write
             tmp.unlink(missing_ok=True)
 
+    @classmethod
+    def for_output(cls, out, checkpoint, *, seed: int, mpc: bool, explore: bool,
+                   action_noise: float | tuple[float, ...] = 0.0,
+                   max_steps: int | None = None) -> EpisodeStore:
+        """The store of a collection into dataset ``out`` (``.NAME.collecting`` beside it) by
+        the agent of ``checkpoint`` with these settings."""
+        from tdmpc_opt.checkpoints import file_sha256
+
+        noise = list(action_noise) if isinstance(action_noise, tuple) else action_noise
+        return cls(store_folder(out), {
+            "checkpoint_sha256": file_sha256(checkpoint), "seed": seed, "mpc": mpc,
+            "explore": explore, "action_noise": noise, "max_steps": max_steps})
+
+    def missing(self, specs) -> list:
+        """The episodes of ``specs`` not kept here yet."""
+        return [s for s in specs if not self._path(s.task, s.episode).is_file()]
+
     def _path(self, task: str, episode: int):
         return self.folder / f"{task}-{episode:06d}.npz"
-
-    def has(self, spec) -> bool:
-        return self._path(spec.task, spec.episode).is_file()
 
     def add(self, res) -> None:
         """Keep one finished episode (an :class:`~tdmpc_opt.evaluation.EpisodeResult` with its
@@ -275,16 +289,13 @@ def run(args) -> int:
                         f"tasks: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; "
                         f"`tdmpc-opt info {args.checkpoint}` lists them)")
     from tdmpc_opt.backends import run_rollouts
-    from tdmpc_opt.checkpoints import file_sha256
     from tdmpc_opt.evaluation import episode_specs
 
-    noise = list(args.action_noise) if isinstance(args.action_noise, tuple) else \
-        args.action_noise
-    store = EpisodeStore(store_folder(args.out), {
-        "checkpoint_sha256": file_sha256(ckpt), "seed": args.seed, "mpc": planner.mpc,
-        "explore": args.explore, "action_noise": noise, "max_steps": args.max_steps})
+    store = EpisodeStore.for_output(args.out, ckpt, seed=args.seed, mpc=planner.mpc,
+                                    explore=args.explore, action_noise=args.action_noise,
+                                    max_steps=args.max_steps)
     specs = episode_specs(tasks, args.episodes, args.seed)
-    todo = [s for s in specs if not store.has(s)]
+    todo = store.missing(specs)
     if len(todo) < len(specs):
         print(f"continuing: {len(specs) - len(todo)} of {len(specs)} episodes were collected "
               f"before (kept in {store.folder})")

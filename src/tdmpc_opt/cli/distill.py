@@ -80,8 +80,7 @@ def _collect(args, teacher_path: Path, run_dir) -> Path:
     """Roll the teacher out (policy prior with exploration) into RUN_DIR/data, once; an
     interrupted collection keeps its finished episodes and continues (as ``collect``)."""
     from tdmpc_opt.agent import load_agent
-    from tdmpc_opt.checkpoints import file_sha256
-    from tdmpc_opt.cli.collect import EpisodeStore, _task_ids, store_folder
+    from tdmpc_opt.cli.collect import EpisodeStore, _task_ids
     from tdmpc_opt.errors import ConfigError
     from tdmpc_opt.evaluation import episode_specs, run_episodes
     from tdmpc_opt.tasks import resolve_tasks
@@ -97,12 +96,9 @@ def _collect(args, teacher_path: Path, run_dir) -> Path:
 
     check_tasks(agent, tasks)
     names = agent.cfg.tasks if agent.cfg.multitask else tasks[:1]
-    store = EpisodeStore(store_folder(out), {
-        "checkpoint_sha256": file_sha256(teacher_path), "seed": 0, "mpc": False,
-        "explore": True, "action_noise": 0.0, "max_steps": None})
+    store = EpisodeStore.for_output(out, teacher_path, seed=0, mpc=False, explore=True)
     specs = episode_specs(tasks, args.collect, 0)
-    todo = [s for s in specs if not store.has(s)]
-    run_episodes(agent, todo, 16, None, False, store.add, trajectories=True)
+    run_episodes(agent, store.missing(specs), 16, None, False, store.add, trajectories=True)
     store.write_dataset(out, specs, tuple(names), agent.cfg, _task_ids(agent.cfg, tasks),
                         overwrite=True, source=f"collected from {teacher_path.name}")
     return out
