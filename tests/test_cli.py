@@ -68,6 +68,22 @@ def test_convert_round_trip_keeps_predictions(fp16_ckpt, tmp_path, capsys):
     assert infos[0]["stored_numbers"] == infos[1]["stored_numbers"] == 1_980_357
 
 
+@pytest.mark.parametrize("command", ["convert", "quantize"])
+def test_checkpoint_outputs_never_replace_a_file_unasked(fp16_ckpt, tmp_path, capsys, command):
+    """A trained checkpoint at the output name is kept unless --overwrite says otherwise."""
+    out = tmp_path / "trained.safetensors"
+    out.write_bytes(b"hours of training")
+    argv = ([command, str(fp16_ckpt), str(out)] if command == "convert" else
+            [command, "--checkpoint", str(fp16_ckpt), "--format", "fp16", "--out", str(out)])
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: {out}: already exists; choose another file "
+                                        "name or pass --overwrite to replace it"]
+    assert out.read_bytes() == b"hours of training"
+    assert _run([*argv, "--overwrite"], capsys)[0] == 0
+    assert json.loads(_run(["info", str(out), "--json"], capsys)[1])["format"] == "tdmpc-opt"
+
+
 def _bad_inputs(tmp_path, ckpt):
     (tmp_path / "notjson.json").write_text("{nope")
     (tmp_path / "wrongobs.json").write_text(json.dumps(

@@ -176,7 +176,7 @@ def test_calibrate_data_cli(tiny_file, tmp_path, capsys):
                  str(out), "--calibrate-data", str(data)]) == 0
     assert "calibrated" in capsys.readouterr().out
     assert main(["quantize", "--checkpoint", str(tiny_file), "--format", "int8", "--out",
-                 str(out), "--calibrate-data", str(tmp_path / "none")]) == 2
+                 str(tmp_path / "d.safetensors"), "--calibrate-data", str(tmp_path / "none")]) == 2
     assert "no calibration data" in capsys.readouterr().err
 
 

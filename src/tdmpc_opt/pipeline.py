@@ -325,7 +325,7 @@ class Pipeline:
         if src.suffix == ".safetensors":
             _copy_atomic(src, dst)
         else:
-            self._command(["convert", str(src), str(dst)])
+            self._command(["convert", str(src), str(dst), "--overwrite"])
 
     def stage_data(self) -> None:
         c = self.cfg
@@ -357,7 +357,7 @@ class Pipeline:
         src = self.model_path("distilled")
         for fmt, name in (("fp16", "distilled-fp16"), ("int8-dynamic", "distilled-int8")):
             argv = ["quantize", "--checkpoint", str(src), "--format", fmt,
-                    "--out", str(self.model_path(name))]
+                    "--out", str(self.model_path(name)), "--overwrite"]
             if fmt.startswith("int8"):
                 argv += ["--calibrate-data", str(self.data_dir)]
             self._command(argv)

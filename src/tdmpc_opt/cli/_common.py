@@ -77,6 +77,23 @@ def output_file(text: str) -> str:
     return text
 
 
+def check_new_file(path: str | Path, overwrite: bool, input_path: str | Path | None = None) -> None:
+    """Refuse, before any work, to write a file over ``input_path`` or, without
+    ``overwrite``, over any file already there (a trained checkpoint is hours of work).
+
+    Raises:
+        InputError: the output is refused; the message says why and what to do.
+    """
+    from tdmpc_opt.errors import InputError
+
+    path = Path(path)
+    if input_path is not None and path.resolve() == Path(input_path).resolve():
+        raise InputError(f"{path}: the output would replace the input; choose another file name")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise InputError(f"{path}: already exists; choose another file name or pass "
+                         "--overwrite to replace it")
+
+
 def output_dir(text: str) -> str:
     """argparse type: a folder this command will write into (created if missing); refused
     before any work if a file stands at that path or where one of its parents should be."""

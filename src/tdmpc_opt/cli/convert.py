@@ -26,6 +26,8 @@ def add_arguments(p):
                    help="floating-point type of the written tensors (default float32)")
     p.add_argument("--tasks", default=None,
                    help="task list for checkpoints whose task set cannot be inferred")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output file if it exists (refused otherwise)")
 
 
 def run(args) -> int:
@@ -34,14 +36,14 @@ def run(args) -> int:
     import torch
 
     from tdmpc_opt.checkpoints import load_world_model, save_checkpoint, save_official
+    from tdmpc_opt.cli._common import check_new_file
     from tdmpc_opt.errors import InputError
     from tdmpc_opt.tasks import resolve_tasks
 
     out = Path(args.output)
     if out.suffix not in (".safetensors", ".pt"):
         raise InputError(f"{out}: output must end in .safetensors or .pt")
-    if out.resolve() == Path(args.input).resolve():
-        raise InputError("output would overwrite the input; choose another file name")
+    check_new_file(out, args.overwrite, args.input)
     tasks = resolve_tasks(args.tasks) if args.tasks is not None else None
     model, info = load_world_model(args.input, tasks=tasks)
     dtype = getattr(torch, _DTYPES[args.dtype])

@@ -35,6 +35,8 @@ def add_arguments(p):
                    help="observations used for calibration (evenly spaced; default 4096)")
     p.add_argument("--keep-target-q", action="store_true",
                    help="keep the target Q-networks (needed only to resume training)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output file if it exists (refused otherwise)")
 
 
 def load_calibration(directory: str, cfg, rows: int = 4096):
@@ -121,12 +123,14 @@ def _numeric(a) -> bool:
 def run(args) -> int:
     from pathlib import Path
 
+    from tdmpc_opt.cli._common import check_new_file
     from tdmpc_opt.errors import InputError
     from tdmpc_opt.quantization import check_format, quantize_checkpoint
 
     check_format(args.fmt)
     if Path(args.out).suffix != ".safetensors":
         raise InputError(f"{args.out}: output must end in .safetensors")
+    check_new_file(args.out, args.overwrite, args.checkpoint)
     calib = None
     if args.calibrate_data:
         from tdmpc_opt.checkpoints import load_world_model
