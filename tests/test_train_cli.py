@@ -78,10 +78,21 @@ def test_online_loop_and_resume(tiny_single_cfg, tmp_path):
     assert (tmp_path / "a" / "curve.png").stat().st_size > 1000
 
 
-def test_online_interrupt_checkpoints_the_episode_start(tiny_single_cfg, tmp_path, monkeypatch):
-    """Ctrl-C in the middle of episode 4 (step 70; last checkpoint at 40): the start of that
-    episode (step 60, its buffer) is checkpointed and the resumed run equals an uninterrupted
-    one; the 20 steps of episode 3 are not lost."""
+def _eval_rows(run_dir):
+    import csv
+
+    with open(run_dir / "eval.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("signal_at,kept", [(150, 60), (180, 80)], ids=["episode", "evaluation"])
+def test_online_interrupt_checkpoints_the_work_under_way(tiny_single_cfg, tmp_path, monkeypatch,
+                                                         signal_at, kept):
+    """Ctrl-C in the middle of episode 4 (env call 150: 40 evaluation steps at steps 0 and 40,
+    then 70 of training; last checkpoint at 40) checkpoints the start of that episode (step
+    60, its buffer); Ctrl-C inside the evaluation at step 80 (env call 180) checkpoints the
+    state the evaluation started from. Either way the resumed run equals an uninterrupted one,
+    evaluations included, and no finished episode is lost."""
     import os
     import signal
 
@@ -90,7 +101,7 @@ def test_online_interrupt_checkpoints_the_episode_start(tiny_single_cfg, tmp_pat
 
     def step(self, action):
         steps.append(1)
-        if len(steps) == 150:  # 40 evaluation steps at steps 0 and 40, then 70 of training
+        if len(steps) == signal_at:
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, action)
 
@@ -100,12 +111,14 @@ def test_online_interrupt_checkpoints_the_episode_start(tiny_single_cfg, tmp_pat
     monkeypatch.undo()
     run = RunDir(tmp_path / "b")
     assert sorted(run.ckpt_dir.glob("step-*.pt")) == [run.checkpoint_path(40),
-                                                      run.checkpoint_path(60)]
+                                                      run.checkpoint_path(kept)]
     c = _online(tmp_path, "b", 100, tiny_single_cfg, resume=True)
     assert c.state.step == 120 and c.learner.step == a.learner.step
     for (k, x), y in zip(a.learner.model.state_dict().items(),
                          c.learner.model.state_dict().values(), strict=True):
         assert torch.equal(x, y), k
+    assert _eval_rows(tmp_path / "b") == _eval_rows(tmp_path / "a")
+    assert len(_eval_rows(tmp_path / "a")) == 4  # steps 0, 40, 80 and the final 120
 
 
 def test_cli_offline_train_resume_collect(tmp_path, capsys):

@@ -347,13 +347,11 @@ class OnlineTrainer:
     def train(self, resume: bool = False, progress: bool = False,
               config: dict | None = None) -> dict[str, float]:
         """Run until ``cfg.steps`` environment steps; returns the last train metrics."""
-        resumed = False
         if resume and self.run is not None:
             check_resume_config(self.run, config)
         if resume and self.run is not None and (found := self.run.latest_checkpoint()):
             self.load_state_dict(found[1])
             self.run.truncate_metrics(self.state.step)
-            resumed = True
         if self.run is not None and config is not None:
             self.run.write_config(config)
         st, bar = self.state, _progress(self.cfg.steps, self.state.step, progress, self.task)
@@ -362,9 +360,7 @@ class OnlineTrainer:
             st.eval_next = True
         try:
             while st.step <= self.cfg.steps:
-                if not resumed:
-                    self._boundary()
-                resumed = False
+                self._boundary()  # after a resume: what the interrupted boundary had left
                 # What an interrupted episode falls back to: the replay buffer changes only
                 # when the episode ends, so this copy and the buffer make a checkpoint.
                 self._fallback = _cpu_copy(self._state_but_buffer())
@@ -379,26 +375,32 @@ class OnlineTrainer:
         return self.last
 
     def _save_fallback(self) -> None:
-        """Checkpoint the state at the start of the episode under way, if it is newer than the
-        last checkpoint (the episode's own steps are replayed on resume, so the resumed run
-        equals an uninterrupted one). Nothing when interrupted after an episode has entered
-        the buffer and before the next one starts (evaluation, checkpointing)."""
+        """Checkpoint the state the interrupted work started from, unless a checkpoint of its
+        step is on disk: the start of the episode under way, or of the evaluation between two
+        episodes, or the state after that evaluation. On resume that work is done again, so
+        the resumed run equals an uninterrupted one."""
         fallback, self._fallback = self._fallback, None
         if self.run is None or fallback is None:
             return
         step = int(fallback["online"]["step"])
-        if step > self.state.last_ckpt:
+        if step > 0 and not self.run.checkpoint_path(step).is_file():
             self.run.save_checkpoint(step, {**fallback, "buffer": self.buffer.state_dict()})
 
     def _boundary(self, final: bool = False) -> None:
-        """Between episodes: evaluate when due, checkpoint when due."""
+        """Between episodes: evaluate when due, checkpoint when due. Nothing here changes the
+        learner, so the fallback states are the live ones (no copy); the random state is taken
+        before the evaluation draws from it."""
         st, cfg, run = self.state, self.cfg, self.run
+        self._fallback = self._state_but_buffer()
         if st.eval_next or final:
             result = self.evaluate(self.learner.model)
-            st.eval_next = False
+            with _finish_before_interrupt():  # the evaluation's record and its fallback
+                st.eval_next = False
+                if run is not None:
+                    run.log("eval", st.step, {**result, "episode": st.episode,
+                                              "elapsed_s": time.perf_counter() - self._t0})
+                self._fallback = self._state_but_buffer()
             if run is not None:
-                run.log("eval", st.step, {**result, "episode": st.episode,
-                                          "elapsed_s": time.perf_counter() - self._t0})
                 plot_curves(run.path)
         due = final or st.step - st.last_ckpt >= cfg.checkpoint_freq
         if run is not None and st.step > 0 and due:
