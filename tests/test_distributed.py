@@ -127,6 +127,31 @@ def _collectives(rank: int) -> dict:
             "broadcast": distributed.broadcast_object(f"from {rank}")}
 
 
+def _interrupted_on_one_rank(ds, run: Path) -> dict:
+    """Ctrl-C on rank 1 alone, during its second update (the next checkpoint is due at 3)."""
+    import signal
+
+    learner, sampler = build_learner(_model_cfg(), TRAIN), _sampler(ds, TRAIN)
+    draw, calls = sampler.sample, []
+
+    def sample():
+        calls.append(1)
+        if distributed.rank() == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return draw()
+
+    sampler.sample = sample
+    try:
+        train_offline(learner, sampler, RunDir(run))
+        stopped = None
+    except KeyboardInterrupt:
+        stopped = len(calls)
+    distributed.barrier()  # rank 0 has written what it keeps
+    kept = sorted(p.name for p in RunDir(run).ckpt_dir.glob("step-*.pt"))
+    return {"stopped_after": stopped, "kept": kept,
+            "resumed": _offline(ds, run, TRAIN, resume=True)}
+
+
 def _worker(rank: int, world: int, root: str, port: int) -> None:
     from tdmpc_opt.data import Dataset
 
@@ -147,6 +172,7 @@ def _worker(rank: int, world: int, root: str, port: int) -> None:
             RunDir(root_p / "b").checkpoint_path(4).unlink()
         distributed.barrier()
         out["resumed"] = _offline(ds, root_p / "b", TRAIN, resume=True)
+        out["interrupted"] = _interrupted_on_one_rank(ds, root_p / "c")
         out["distill"] = _distill(ds)
         torch.save(out, root_p / f"rank{rank}.pt")
     finally:
@@ -238,6 +264,16 @@ def test_resume_equals_uninterrupted(ranks):
         _assert_same(r["straight"], r["resumed"])
     steps = [int(r.split(",")[0]) for r in (root / "b" / "train.csv").read_text().split()[1:]]
     assert steps == list(range(1, TRAIN.steps + 1))
+
+
+def test_an_interrupt_on_one_rank_stops_every_rank_after_the_same_update(ranks):
+    """Both ranks finish update 2, checkpoint it together (no checkpoint was due) and stop;
+    resumed, the run equals an uninterrupted one on every rank."""
+    _, results = ranks
+    for r in results:
+        assert r["interrupted"]["stopped_after"] == 2
+        assert r["interrupted"]["kept"] == ["step-00000002.pt"]
+        _assert_same(r["straight"], r["interrupted"]["resumed"])
 
 
 # --------------------------------------------------------------- no processes needed

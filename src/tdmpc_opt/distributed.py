@@ -188,6 +188,17 @@ def average(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def any_rank(flag: bool, device: str | torch.device = "cpu") -> bool:
+    """True when ``flag`` is true on any rank (``flag`` itself in a single process). Every rank
+    calls it at the same point; ``device`` is this rank's (NCCL reduces on the accelerator)."""
+    if not is_active():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@torch.no_grad()
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` (same shapes) concatenated along dim 0, in rank order."""
     if not is_active():

@@ -122,47 +122,71 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
     """
     cfg, main = learner.cfg, distributed.is_main()
     writer = run if main else None  # the only rank that writes
+    start = _start_offline(learner, sampler, run, resume, config, extra_state)
+    metrics: dict[str, float] = {}
+    t0, bar = time.perf_counter(), _progress(cfg.steps, start, progress and main, "train")
+    done = saved = start  # updates finished; the newest checkpoint's step
+    together = distributed.is_active()  # ranks stop at the same update, or none could save
+
+    def checkpoint(step: int) -> None:  # a collective under torchrun: every rank calls it
+        state = _state(learner, sampler, extra_state)
+        if writer is not None:
+            writer.save_checkpoint(step, state)
+            _save_model(writer, learner, step)
+
+    def log_and_evaluate(i: int) -> None:
+        if i % cfg.log_freq == 0 or i == cfg.steps:
+            _show(bar, metrics)
+            if writer is not None:
+                writer.log("train", i, {**metrics, "elapsed_s": time.perf_counter() - t0})
+        if main and evaluate is not None and cfg.eval_freq and i % cfg.eval_freq == 0:
+            result = evaluate(learner.model)
+            if writer is not None:
+                writer.log("eval", i, result)
+
+    try:
+        with _latched_interrupts() if together else contextlib.nullcontext([]) as caught:
+            for i in range(start + 1, cfg.steps + 1):
+                with contextlib.nullcontext() if together else _finish_before_interrupt():
+                    metrics = learner.update(sampler.sample(), extra_losses)
+                    check_finite(metrics, i, run)
+                    done = i
+                bar.update(1)
+                log_and_evaluate(i)
+                if run is not None and (i % cfg.checkpoint_freq == 0 or i == cfg.steps):
+                    checkpoint(i)
+                    saved = i
+                if together and distributed.any_rank(bool(caught), learner.device):
+                    if run is not None and done > saved:
+                        checkpoint(done)
+                        saved = done
+                    break
+        _raise_signals(caught)  # this rank's signal, now with the command's own handling
+        if together and done < cfg.steps:  # another rank was interrupted
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep every finished update
+        bar.close()  # ends its line: the command's note follows on a line of its own
+        if run is not None and done > saved and not together:
+            checkpoint(done)
+        raise
+    bar.close()
+    distributed.barrier()  # rank 0's last checkpoint is written when every rank returns
+    return metrics
+
+
+def _start_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir | None,
+                   resume: bool, config: dict | None, extra_state) -> int:
+    """Restore the newest checkpoint when resuming, or give every rank the same start; write
+    ``config.json``. Returns the number of updates already done."""
     if resume and run is not None:
         check_resume_config(run, config)
     start = _restore(run, learner, sampler, extra_state) if resume and run else 0
     if start == 0 and distributed.is_active():  # same start, then each rank its own noise
         distributed.broadcast_module(learner.model)
-        torch.manual_seed(distributed.rank_seed(cfg.seed))
-    if writer is not None and config is not None:
-        writer.write_config(config)
-    metrics: dict[str, float] = {}
-    t0, bar = time.perf_counter(), _progress(cfg.steps, start, progress and main, "train")
-    done = saved = start  # updates finished; the newest checkpoint's step
-    try:
-        for i in range(start + 1, cfg.steps + 1):
-            with _finish_before_interrupt():
-                metrics = learner.update(sampler.sample(), extra_losses)
-                check_finite(metrics, i, run)
-                done = i
-            bar.update(1)
-            if i % cfg.log_freq == 0 or i == cfg.steps:
-                _show(bar, metrics)
-                if writer is not None:
-                    writer.log("train", i, {**metrics, "elapsed_s": time.perf_counter() - t0})
-            if main and evaluate is not None and cfg.eval_freq and i % cfg.eval_freq == 0:
-                result = evaluate(learner.model)
-                if writer is not None:
-                    writer.log("eval", i, result)
-            if run is not None and (i % cfg.checkpoint_freq == 0 or i == cfg.steps):
-                state = _state(learner, sampler, extra_state)  # collective under torchrun
-                if writer is not None:
-                    writer.save_checkpoint(i, state)
-                    _save_model(writer, learner, i)
-                saved = i
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep every finished update
-        bar.close()  # ends its line: the command's note follows on a line of its own
-        if writer is not None and done > saved and not distributed.is_active():
-            writer.save_checkpoint(done, _state(learner, sampler, extra_state))
-            _save_model(writer, learner, done)
-        raise
-    bar.close()
-    distributed.barrier()  # rank 0's last checkpoint is written when every rank returns
-    return metrics
+        torch.manual_seed(distributed.rank_seed(learner.cfg.seed))
+    if run is not None and distributed.is_main() and config is not None:
+        run.write_config(config)
+    return start
 
 
 @contextlib.contextmanager
@@ -176,10 +200,22 @@ def _finish_before_interrupt():
     they make a checkpoint from which a resumed run equals an uninterrupted one. Costs ~30 us
     per update; does nothing off the main thread (signals go to the main thread).
     """
-    if threading.current_thread() is not threading.main_thread():
+    with _latched_interrupts() as caught:
         yield
-        return
+    _raise_signals(caught)
+
+
+@contextlib.contextmanager
+def _latched_interrupts():
+    """Within: the first Ctrl-C (SIGINT) or SIGTERM is only recorded, in the yielded list; the
+    same signal a second time restores the handlers in place before and acts at once. On the
+    way out the handlers are restored and recorded signals are left to the caller
+    (:func:`_raise_signals`). Off the main thread (no signals arrive there) it records nothing.
+    """
     caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous = {sig: h for sig, h in previous.items() if h is not None}  # None: not Python's
 
@@ -187,7 +223,7 @@ def _finish_before_interrupt():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-    def defer(signum, frame):
+    def record(signum, frame):
         if signum not in caught:
             caught.append(signum)
             return
@@ -196,13 +232,17 @@ def _finish_before_interrupt():
         signal.raise_signal(signum)
 
     for sig in previous:
-        signal.signal(sig, defer)
+        signal.signal(sig, record)
     try:
-        yield
+        yield caught
     finally:
         restore()
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)
+
+
+def _raise_signals(caught: list[int]) -> None:
+    """Raise again, once each, the signals a :func:`_latched_interrupts` block recorded."""
+    for sig in dict.fromkeys(caught):
+        signal.raise_signal(sig)
 
 
 def _cpu_copy(obj):

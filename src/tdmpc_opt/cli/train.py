@@ -28,9 +28,8 @@ import warnings
 
 NAME = "train"
 HELP = "train a world model offline from a dataset or online in an environment"
-INTERRUPTED = ("interrupted; finished updates and episodes are checkpointed in the run directory "
-               "(under torchrun: up to its newest checkpoint): add --resume to the same command "
-               "to continue from it")
+INTERRUPTED = ("interrupted; finished updates and episodes are checkpointed in the run directory: "
+               "add --resume to the same command to continue from it")
 LOSS_WEIGHTS = ("consistency_coef", "reward_coef", "value_coef", "termination_coef",
                 "entropy_coef")
 
