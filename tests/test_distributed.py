@@ -276,6 +276,35 @@ def test_an_interrupt_on_one_rank_stops_every_rank_after_the_same_update(ranks):
         _assert_same(r["straight"], r["interrupted"]["resumed"])
 
 
+def _slow_main(rank: int, port: int, wait: str, out: str) -> None:
+    """Rank 0 works alone for 4 s while the others wait, with a 1.5 s collective timeout."""
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    distributed.init(distributed.detect(), "cpu", timeout_s=1.5)
+    try:
+        if rank == 0:
+            time.sleep(4)
+        try:
+            getattr(distributed, wait)()
+            result = "waited"
+        except RuntimeError as e:  # gloo's timeout
+            result = f"failed: {str(e)[:80]}"
+        Path(out, f"rank{rank}").write_text(result)
+    finally:
+        distributed.destroy()
+
+
+@pytest.mark.parametrize("wait,waited", [("wait_for_main", True), ("barrier", False)])
+def test_waiting_for_rank_0s_own_work_outlasts_the_collective_timeout(tmp_path, wait, waited):
+    """Rank 0 alone collecting data or building a teacher cache for hours: the others wait for it
+    (``wait_for_main``), where an ordinary collective times out (the plain barrier, shown)."""
+    mp.spawn(_slow_main, args=(_free_port(), wait, str(tmp_path)), nprocs=2, join=True)
+    got = (tmp_path / "rank1").read_text()
+    assert (got == "waited") == waited, got
+
+
 # --------------------------------------------------------------- no processes needed
 def test_environment_batch_split_and_seeds():
     assert distributed.detect({}) is None
@@ -303,11 +332,14 @@ def test_joining_says_what_it_waits_for(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(distributed.dist, "init_process_group",
                         lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(distributed.dist, "new_group", lambda *a, **k: calls.append(k))
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
     monkeypatch.setenv("MASTER_PORT", "29571")
     env = distributed.DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2)
     assert distributed.init(env, "cpu", timeout_s=60) == torch.device("cpu")
-    assert calls and calls[0]["world_size"] == 2
+    assert len(calls) == 2 and calls[0]["world_size"] == 2
+    assert calls[1]["backend"] == "gloo"  # wait_for_main's group, without the 60 s timeout
+    assert calls[1]["timeout"].total_seconds() == distributed.MAIN_WORK_TIMEOUT_S
     assert capsys.readouterr().err == ("rank 1 of 2: waiting for all 2 processes at "
                                        "10.0.0.7:29571 (up to 60 s)\n")
 

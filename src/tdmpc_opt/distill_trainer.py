@@ -115,7 +115,7 @@ def distill_offline(learner: TDMPC2Learner, teacher: WorldModel, teacher_sha256:
                                  dcfg.needs_latent, progress and distributed.is_main())
 
         cache = open_cache() if distributed.is_main() else None
-        distributed.barrier()  # the others open rank 0's cache (or build their own copy)
+        distributed.wait_for_main()  # the others open rank 0's cache (or build their own)
         if cache is None:
             cache = open_cache()
     distiller = Distiller(learner.model, dcfg, cfg.rho, teacher.cfg.latent_dim, teacher)

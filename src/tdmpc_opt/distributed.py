@@ -33,6 +33,10 @@ from tdmpc_opt.errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 2 * 3600
 """Collective timeout: rank 0 evaluates and writes checkpoints while the others wait."""
+MAIN_WORK_TIMEOUT_S = 7 * 24 * 3600
+"""How long :func:`wait_for_main` waits: work rank 0 does alone may take hours (building a large
+teacher's cache); a rank 0 that dies ends the job through torchrun long before."""
+_main_work_group = None  # a gloo group with MAIN_WORK_TIMEOUT_S, made by init()
 _BUCKET = 1 << 24
 """Gradient elements all-reduced per collective call."""
 
@@ -97,6 +101,9 @@ def init(env: DistEnv, device: str | torch.device,
     dist.init_process_group(dist.get_default_backend_for_device(device),
                             init_method="env://", rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s))
+    global _main_work_group
+    _main_work_group = dist.new_group(backend="gloo",
+                                      timeout=timedelta(seconds=MAIN_WORK_TIMEOUT_S))
     return device
 
 
@@ -253,7 +260,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def wait_for_main() -> None:
+    """Wait until every rank is here, however long rank 0 takes (up to
+    :data:`MAIN_WORK_TIMEOUT_S`, not the collectives' timeout): for work rank 0 does alone while
+    the others wait for its result (collecting data, building a teacher cache). No-op in a
+    single process."""
+    if is_active():
+        dist.barrier(group=_main_work_group)
+
+
 def destroy() -> None:
     """Leave the process group, if this process joined one."""
+    global _main_work_group
+    _main_work_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

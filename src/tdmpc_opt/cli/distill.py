@@ -162,7 +162,7 @@ def _run(args, dcfg, cfg, planner, m_items, device) -> int:
     data = Path(args.data) if args.data else None
     if data is None:  # rank 0 collects; the others then find its data (or collect the same)
         data = _collect(args, Path(args.teacher), run_dir) if main else None
-        distributed.barrier()
+        distributed.wait_for_main()
         if data is None:
             data = _collect(args, Path(args.teacher), run_dir)
     dataset = Dataset(data)
