@@ -212,6 +212,28 @@ def test_command_sets_its_own_interrupt_note_and_bugs_keep_tracebacks(monkeypatc
         main(["info", "x.pt"])
 
 
+def test_the_command_line_starts_without_pytorch_and_a_stop_meanwhile_is_one_line(
+        monkeypatch, capsys):
+    """``--help``, ``--version`` and argument errors need no PyTorch (0.1 s instead of ~2 s);
+    Ctrl-C while the command line is still being set up is the same one line as later."""
+    probe = ("import sys\nfrom tdmpc_opt.cli import main\ncodes = []\n"
+             "for argv in (['--version'], ['--help'], ['info'], ['eval', '--checkpoint', "
+             "'x.pt', '--tasks', 'walker-walk', '--seed', 'one']):\n"
+             "    try:\n        main(argv)\n"
+             "    except SystemExit as e:\n        codes.append(e.code)\n"
+             "print(codes, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[0, 0, 2, 2] False", done.stderr
+    import tdmpc_opt.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert _run(["info", "x.pt"], capsys)[::2] == (130, cli.INTERRUPTED + "\n")
+
+
 def test_sigterm_is_handled_as_ctrl_c_and_then_restored(monkeypatch, capsys, tmp_path):
     """SIGTERM during a command runs the command's Ctrl-C clean-up (its ``finally`` blocks) and
     exits 143 with its note; a second SIGTERM meanwhile is ignored; afterwards SIGTERM is back

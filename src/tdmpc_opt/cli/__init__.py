@@ -90,25 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated.*")
     # dm_control probes GLFW at import and warns when there is no display; rendering uses EGL
     warnings.filterwarnings("ignore", category=UserWarning, module="glfw")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
-    from tdmpc_opt.allocator import keep_freed_memory
-
-    keep_freed_memory()  # planning reuses its freed activations (tdmpc_opt.allocator)
+    note = INTERRUPTED  # the command's own once its arguments are read
     try:
-        from tdmpc_opt import products
+        with _sigterm_as_interrupt():  # from the start: a stop while importing is no traceback
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not getattr(args, "_run", None):
+                parser.print_help()
+                return 2
+            note = args._interrupted
+            from tdmpc_opt import products
+            from tdmpc_opt.allocator import keep_freed_memory
 
-        products.check_environment()  # a bad TDMPC_OPT_PRODUCTS before any work
-        with _sigterm_as_interrupt():
+            keep_freed_memory()  # planning reuses its freed activations (tdmpc_opt.allocator)
+            products.check_environment()  # a bad TDMPC_OPT_PRODUCTS before any work
             return int(args._run(args) or 0)
     except TdmpcError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(args._interrupted, file=sys.stderr)
+        print(note, file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # the reader of stdout went away (``| head``): nothing to say
         _silence_stdout()

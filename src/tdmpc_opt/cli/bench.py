@@ -27,8 +27,7 @@ import os
 import platform
 import statistics
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from tdmpc_opt.cli._common import (
     int_list,
@@ -37,6 +36,9 @@ from tdmpc_opt.cli._common import (
     output_file,
     thread_count,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "bench"
 HELP = "benchmark the planner (speed, FLOPs vs measured peak, speed-up, agreement)"
@@ -94,6 +96,8 @@ def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5
     ``device``, computed as the planner computes it (natively, or where this CPU has no native
     int8 / bf16 products on this package's int8 kernel or through float32 BLAS:
     :mod:`tdmpc_opt.products`)."""
+    import torch
+
     from tdmpc_opt.fast_model import Dense
 
     g = torch.Generator().manual_seed(0)
@@ -118,6 +122,8 @@ def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5
 
 def synchronizer(device: str | torch.device):
     """A function that waits for ``device``'s queued work (a no-op on a CPU), for timing."""
+    import torch
+
     if torch.device(device).type == "cuda":
         return torch.cuda.synchronize
     return lambda: None
@@ -161,6 +167,8 @@ def _timed(fn, seconds: float, min_calls: int = 3) -> dict[str, float]:
 
 def _plan_inputs(agent, batch: int, seed: int = 0):
     """Encoded random observations of the model's first tasks and matching planner inputs."""
+    import torch
+
     from tdmpc_opt.planner import draw_noise
 
     cfg, pcfg, dev = agent.cfg, agent.planner, agent.device
@@ -222,6 +230,8 @@ def agreement(agent, precision: str, states: int) -> dict[str, float]:
     |a - a'| of float32 plans with different random numbers (the planner's own spread, for
     scale); ``value_rel``: median relative difference of the Q averages the planner uses.
     """
+    import torch
+
     from tdmpc_opt.fast_model import fast_view
     from tdmpc_opt.planner import plan
 
@@ -250,6 +260,8 @@ def agreement(agent, precision: str, states: int) -> dict[str, float]:
 # -------------------------------------------------------------------------------- run
 def machine(device: str | torch.device = "cpu") -> dict:
     """Where the figures come from (``gpu``: the CUDA device's name when ``device`` is one)."""
+    import torch
+
     from tdmpc_opt import allocator
 
     cpu = platform.processor() or platform.machine()
@@ -281,6 +293,8 @@ def bench_rows(agent, batches: list[int], precisions: list[str], seconds: float,
     and every row of it is read against the highest of these: on a shared machine one short
     measurement can land in a slow moment and make the floor look closer than it is.
     """
+    import torch
+
     flops = planning_flops(agent.cfg, agent.planner)
     peaks: dict[str, float] = {}
     rows = []
@@ -339,6 +353,8 @@ def print_rows(rows: list[dict], literal_s: float | None) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from tdmpc_opt.agent import load_agent, resolve_device
     from tdmpc_opt.cli._common import write_json
     from tdmpc_opt.config import PlannerConfig, apply_overrides
