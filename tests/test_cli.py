@@ -234,6 +234,37 @@ def test_the_command_line_starts_without_pytorch_and_a_stop_meanwhile_is_one_lin
     assert _run(["info", "x.pt"], capsys)[::2] == (130, cli.INTERRUPTED + "\n")
 
 
+_STOP_INSIDE_TORCHS_IMPORT = """
+import os, signal, sys
+kicked = []
+class Kick:  # sends SIGTERM as torch's C start-up imports NumPy
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy._core" and not kicked:
+            kicked.append(name)
+            os.kill(os.getpid(), signal.SIGTERM)
+def stop(signum, frame):
+    raise KeyboardInterrupt
+sys.meta_path.insert(0, Kick())
+signal.signal(signal.SIGTERM, stop)
+from tdmpc_opt.cli import _import_torch_whole
+try:
+    _import_torch_whole()
+    print("not stopped")
+except KeyboardInterrupt:
+    import numpy
+    print("stopped", kicked, "torch" in sys.modules, hasattr(numpy, "matrix"))
+"""
+
+
+def test_a_stop_while_torch_is_imported_acts_after_the_import():
+    """Torch's C start-up swallows an exception raised while it imports NumPy (a stop there
+    once left a half-imported NumPy and a RecursionError traceback): the command line holds
+    Ctrl-C / SIGTERM back until torch is imported, then acts on them."""
+    done = subprocess.run([sys.executable, "-c", _STOP_INSIDE_TORCHS_IMPORT],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "stopped ['numpy._core'] True True", done.stderr[-2000:]
+
+
 def test_sigterm_is_handled_as_ctrl_c_and_then_restored(monkeypatch, capsys, tmp_path):
     """SIGTERM during a command runs the command's Ctrl-C clean-up (its ``finally`` blocks) and
     exits 143 with its note; a second SIGTERM meanwhile is ignored; afterwards SIGTERM is back

@@ -57,6 +57,28 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _import_torch_whole() -> None:
+    """Import PyTorch with Ctrl-C and SIGTERM held back until it is done, then act on them.
+    Torch's C start-up imports NumPy and swallows an exception raised inside it: a stop landing
+    there left a half-imported NumPy behind, and the command failed later with a traceback
+    (seen: RecursionError in ``numpy.__getattr__`` after SIGTERM 0.4 s into ``collect``)."""
+    if threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401 - no signal arrives off the main thread
+        return
+    caught: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: h for sig, h in previous.items() if h is not None}  # None: not Python's
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        import torch  # noqa: F401
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for sig in dict.fromkeys(caught):
+        signal.raise_signal(sig)
+
+
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose usage errors are one line and exit code 2."""
 
@@ -99,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help()
                 return 2
             note = args._interrupted
+            _import_torch_whole()
             from tdmpc_opt import products
             from tdmpc_opt.allocator import keep_freed_memory
 
