@@ -152,6 +152,15 @@ def _interrupted_on_one_rank(ds, run: Path) -> dict:
             "resumed": _offline(ds, run, TRAIN, resume=True)}
 
 
+def _with_evaluation(ds, run: Path) -> dict:
+    """Periodic evaluation every 2 updates: rank 0 evaluates while the others wait for it."""
+    calls = []
+    learner = build_learner(_model_cfg(), dataclasses.replace(TRAIN, eval_freq=2))
+    train_offline(learner, _sampler(ds, TRAIN), RunDir(run),
+                  evaluate=lambda model: calls.append(1) or {"score": 1.0})
+    return {"calls": len(calls), "state": learner.state_dict()}
+
+
 def _worker(rank: int, world: int, root: str, port: int) -> None:
     from tdmpc_opt.data import Dataset
 
@@ -173,6 +182,7 @@ def _worker(rank: int, world: int, root: str, port: int) -> None:
         distributed.barrier()
         out["resumed"] = _offline(ds, root_p / "b", TRAIN, resume=True)
         out["interrupted"] = _interrupted_on_one_rank(ds, root_p / "c")
+        out["evaluated"] = _with_evaluation(ds, root_p / "d")
         out["distill"] = _distill(ds)
         torch.save(out, root_p / f"rank{rank}.pt")
     finally:
@@ -264,6 +274,15 @@ def test_resume_equals_uninterrupted(ranks):
         _assert_same(r["straight"], r["resumed"])
     steps = [int(r.split(",")[0]) for r in (root / "b" / "train.csv").read_text().split()[1:]]
     assert steps == list(range(1, TRAIN.steps + 1))
+
+
+def test_rank_0_evaluates_alone_and_the_run_is_unchanged(ranks):
+    root, results = ranks
+    assert [r["evaluated"]["calls"] for r in results] == [3, 0]  # updates 2, 4 and 6
+    for r in results:
+        _assert_same(r["straight"], r["evaluated"]["state"])
+    rows = (root / "d" / "eval.csv").read_text().split()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [2, 4, 6]
 
 
 def test_an_interrupt_on_one_rank_stops_every_rank_after_the_same_update(ranks):

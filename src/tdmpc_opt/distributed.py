@@ -32,10 +32,11 @@ import torch.distributed as dist
 from tdmpc_opt.errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 2 * 3600
-"""Collective timeout: rank 0 evaluates and writes checkpoints while the others wait."""
+"""Collective timeout (the others wait while rank 0 writes a checkpoint, for instance)."""
 MAIN_WORK_TIMEOUT_S = 7 * 24 * 3600
 """How long :func:`wait_for_main` waits: work rank 0 does alone may take hours (building a large
-teacher's cache); a rank 0 that dies ends the job through torchrun long before."""
+teacher's cache, evaluating a large model on MT30); a rank 0 that dies ends the job through
+torchrun long before."""
 _main_work_group = None  # a gloo group with MAIN_WORK_TIMEOUT_S, made by init()
 _BUCKET = 1 << 24
 """Gradient elements all-reduced per collective call."""
@@ -263,8 +264,8 @@ def barrier() -> None:
 def wait_for_main() -> None:
     """Wait until every rank is here, however long rank 0 takes (up to
     :data:`MAIN_WORK_TIMEOUT_S`, not the collectives' timeout): for work rank 0 does alone while
-    the others wait for its result (collecting data, building a teacher cache). No-op in a
-    single process."""
+    the others wait for its result (collecting data, building a teacher cache, the periodic
+    evaluation). No-op in a single process."""
     if is_active():
         dist.barrier(group=_main_work_group)
 

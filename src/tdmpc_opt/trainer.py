@@ -131,6 +131,7 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
     t0, bar = time.perf_counter(), _progress(cfg.steps, start, progress and main, "train")
     done = saved = start  # updates finished; the newest checkpoint's step
     together = distributed.is_active()  # ranks stop at the same update, or none could save
+    eval_every = cfg.eval_freq if evaluate is not None else 0
 
     def checkpoint(step: int) -> None:  # a collective under torchrun: every rank calls it
         state = _state(learner, sampler, extra_state)
@@ -143,10 +144,8 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
             _show(bar, metrics)
             if writer is not None:
                 writer.log("train", i, {**metrics, "elapsed_s": time.perf_counter() - t0})
-        if main and evaluate is not None and cfg.eval_freq and i % cfg.eval_freq == 0:
-            result = evaluate(learner.model)
-            if writer is not None:
-                writer.log("eval", i, result)
+        if eval_every and i % eval_every == 0:
+            _periodic_evaluation(evaluate, learner.model, writer, i)
 
     try:
         with _latched_interrupts() if together else contextlib.nullcontext([]) as caught:
@@ -176,6 +175,16 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
     bar.close()
     distributed.barrier()  # rank 0's last checkpoint is written when every rank returns
     return metrics
+
+
+def _periodic_evaluation(evaluate: Evaluate, model, writer: RunDir | None, step: int) -> None:
+    """Rank 0 evaluates and logs; the others wait for it, however long it takes (a large model
+    on MT30 on a CPU: hours), without the collectives' timeout."""
+    if distributed.is_main():
+        result = evaluate(model)
+        if writer is not None:
+            writer.log("eval", step, result)
+    distributed.wait_for_main()
 
 
 def _start_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir | None,
