@@ -83,9 +83,11 @@ def tiny_planner() -> PlannerConfig:
 def _deterministic():
     """Every test starts seeded and on one intra-op thread; commands under test that set their
     own thread count (``--threads``, training's default of all cores) do not leak it into the
-    next test, whose float32 rounding would otherwise depend on the test order. SIGTERM starts
-    with its default action, as in a new process (``ray.init`` leaves a handler of its own)."""
+    next test, whose float32 rounding would otherwise depend on the test order. SIGTERM and
+    SIGHUP start with their default action, as in a new process (``ray.init`` leaves a handler
+    of its own)."""
     torch.manual_seed(0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     yield
     torch.set_num_threads(1)

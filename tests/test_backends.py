@@ -258,13 +258,13 @@ def test_starting_ray_keeps_the_callers_sigterm_handling():
     from types import SimpleNamespace
 
     from tdmpc_opt.backends import _connect
-    from tdmpc_opt.cli import _sigterm_as_interrupt
+    from tdmpc_opt.cli import _stops_as_interrupt
 
     def init(**kwargs):  # what ray.init does to SIGTERM in the driver
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
 
     fake_ray = SimpleNamespace(is_initialized=lambda: False, init=init)
-    with _sigterm_as_interrupt():
+    with _stops_as_interrupt():
         ours = signal.getsignal(signal.SIGTERM)
         assert _connect(fake_ray, None, 1) is True
         assert signal.getsignal(signal.SIGTERM) is ours

@@ -304,34 +304,15 @@ def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, speed):
     assert steps == [2, 4, 6, 8, 10, 12]
 
 
-def test_interrupt_waits_for_the_block_but_a_second_one_acts_at_once():
-    import signal
-
-    from tdmpc_opt.trainer import _finish_before_interrupt
-
-    done = []
-    with pytest.raises(KeyboardInterrupt), _finish_before_interrupt():
-        signal.raise_signal(signal.SIGINT)
-        done.append("finished")  # the block goes on; the interrupt comes at its end
-    assert done == ["finished"]
-    with pytest.raises(KeyboardInterrupt), _finish_before_interrupt():
-        signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)  # Ctrl-C again: at once
-        done.append("not reached")
-    assert done == ["finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-
-
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_interrupt_checkpoints_the_update_under_way(tiny_cfg, tmp_path, sig):
-    """Ctrl-C or SIGTERM (raised as the CLI raises it) arriving in the middle of update 7, with
+    """Ctrl-C, SIGTERM or SIGHUP (raised as the CLI raises them) arriving in update 7, with
     no checkpoint due before step 12: update 7 finishes, is checkpointed, and the run resumed
     from it equals an uninterrupted one (without the checkpoint 7 updates would be lost)."""
     import os
     import signal
 
-    from tdmpc_opt.cli import Terminated, _sigterm_as_interrupt
+    from tdmpc_opt.cli import Terminated, _stops_as_interrupt
 
     ds = tiny_dataset(tmp_path / "ds", tiny_cfg)
     cfg = TrainConfig(batch_size=16, steps=12, checkpoint_freq=12, log_freq=2)
@@ -350,8 +331,8 @@ def test_interrupt_checkpoints_the_update_under_way(tiny_cfg, tmp_path, sig):
 
     sampler.sample = sample
     run = RunDir(tmp_path / "b")
-    stopped = Terminated if sig == "SIGTERM" else KeyboardInterrupt
-    with pytest.raises(stopped), _sigterm_as_interrupt():
+    stopped = KeyboardInterrupt if sig == "SIGINT" else Terminated
+    with pytest.raises(stopped), _stops_as_interrupt():
         train_offline(learner, sampler, run)
     assert learner.step == 7 and sorted(p.name for p in run.ckpt_dir.glob("step-*.pt")) == [
         run.checkpoint_path(7).name]

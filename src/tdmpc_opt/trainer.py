@@ -5,9 +5,10 @@ resume a killed run from its newest valid checkpoint with the same result as an 
 run: checkpoints hold the model, both optimizers, the running scale, the step counter, the
 sampler's and torch's random states (and, online, the replay buffer and environment seeds).
 
-Offline training stopped by Ctrl-C or SIGTERM (as the CLI raises it) finishes the update under
-way and, in a single process, checkpoints it before the interrupt goes on: no finished update
-is lost, and the resumed run still equals an uninterrupted one. Online training checkpoints
+Offline training stopped by Ctrl-C, SIGTERM or SIGHUP (:mod:`tdmpc_opt.stops`) finishes the
+update under way and checkpoints it before the interrupt goes on (under torchrun every rank the
+same update): no finished update is lost, and the resumed run still equals an uninterrupted
+one. Online training checkpoints
 the start of the episode under way (kept in memory at every episode start), so only that
 episode is played again.
 
@@ -25,8 +26,6 @@ import contextlib
 import copy
 import dataclasses
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tdmpc_opt import distributed
+from tdmpc_opt import distributed, stops
 from tdmpc_opt.config import ModelConfig, PlannerConfig, config_to_dict
 from tdmpc_opt.replay import ReplayBuffer, SequenceSampler
 from tdmpc_opt.runs import RunDir, RunError, check_finite, check_resume_config, plot_curves
@@ -76,6 +75,12 @@ def _progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
 def _show(bar: tqdm, metrics: dict[str, float]) -> None:
     bar.set_postfix({k.replace("_loss", ""): f"{metrics[k]:.3g}" for k in _SHOWN
                      if k in metrics}, refresh=False)
+
+
+def _close(bar: tqdm) -> None:
+    """Close a progress bar after a stop; after SIGHUP its terminal may be gone (EIO)."""
+    with contextlib.suppress(OSError):
+        bar.close()
 
 
 def _save_model(run: RunDir, learner: TDMPC2Learner, step: int) -> None:
@@ -148,9 +153,9 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
             _periodic_evaluation(evaluate, learner.model, writer, i)
 
     try:
-        with _latched_interrupts() if together else contextlib.nullcontext([]) as caught:
+        with stops.held_back() if together else contextlib.nullcontext([]) as caught:
             for i in range(start + 1, cfg.steps + 1):
-                with contextlib.nullcontext() if together else _finish_before_interrupt():
+                with contextlib.nullcontext() if together else stops.finish_first():
                     metrics = learner.update(sampler.sample(), extra_losses)
                     check_finite(metrics, i, run)
                     done = i
@@ -164,13 +169,13 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
                         checkpoint(done)
                         saved = done
                     break
-        _raise_signals(caught)  # this rank's signal, now with the command's own handling
+        stops.act_on(caught)  # this rank's signal, now with the command's own handling
         if together and done < cfg.steps:  # another rank was interrupted
             raise KeyboardInterrupt
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep every finished update
-        bar.close()  # ends its line: the command's note follows on a line of its own
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: keep every finished update
         if run is not None and done > saved and not together:
             checkpoint(done)
+        _close(bar)  # ends its line: the command's note follows on a line of its own
         raise
     bar.close()
     distributed.barrier()  # rank 0's last checkpoint is written when every rank returns
@@ -200,62 +205,6 @@ def _start_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir
     if run is not None and distributed.is_main() and config is not None:
         run.write_config(config)
     return start
-
-
-@contextlib.contextmanager
-def _finish_before_interrupt():
-    """Within: Ctrl-C (SIGINT) and SIGTERM wait for the block to finish, then act as they would
-    have (the handlers in place before are restored and the signal raised again). The same
-    signal a second time acts at once, as without the deferral: a first update that compiles
-    (``compile=true``, a minute) or a slow one is never stuck waiting.
-
-    An update cut off halfway leaves the model, optimizers and sampler out of step; after it
-    they make a checkpoint from which a resumed run equals an uninterrupted one. Costs ~30 us
-    per update; does nothing off the main thread (signals go to the main thread).
-    """
-    with _latched_interrupts() as caught:
-        yield
-    _raise_signals(caught)
-
-
-@contextlib.contextmanager
-def _latched_interrupts():
-    """Within: the first Ctrl-C (SIGINT) or SIGTERM is only recorded, in the yielded list; the
-    same signal a second time restores the handlers in place before and acts at once. On the
-    way out the handlers are restored and recorded signals are left to the caller
-    (:func:`_raise_signals`). Off the main thread (no signals arrive there) it records nothing.
-    """
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous = {sig: h for sig, h in previous.items() if h is not None}  # None: not Python's
-
-    def restore():
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    def record(signum, frame):
-        if signum not in caught:
-            caught.append(signum)
-            return
-        caught.clear()  # asked twice: now
-        restore()
-        signal.raise_signal(signum)
-
-    for sig in previous:
-        signal.signal(sig, record)
-    try:
-        yield caught
-    finally:
-        restore()
-
-
-def _raise_signals(caught: list[int]) -> None:
-    """Raise again, once each, the signals a :func:`_latched_interrupts` block recorded."""
-    for sig in dict.fromkeys(caught):
-        signal.raise_signal(sig)
 
 
 def _cpu_copy(obj):
@@ -420,9 +369,9 @@ class OnlineTrainer:
                 obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, st.episode))
                 self._episode(obs, bar)
             self._boundary(final=True)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished episodes
-            bar.close()
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: keep the finished episodes
             self._save_fallback()
+            _close(bar)
             raise
         bar.close()
         return self.last
@@ -447,7 +396,7 @@ class OnlineTrainer:
         self._fallback = self._state_but_buffer()
         if st.eval_next or final:
             result = self.evaluate(self.learner.model)
-            with _finish_before_interrupt():  # the evaluation's record and its fallback
+            with stops.finish_first():  # the evaluation's record and its fallback
                 st.eval_next = False
                 if run is not None:
                     run.log("eval", st.step, {**result, "episode": st.episode,
@@ -494,7 +443,7 @@ class OnlineTrainer:
                 _show(bar, self.last)
                 if self.run is not None:
                     self.run.log("train", st.step, self.last)
-        with _finish_before_interrupt():  # the buffer and the fallback change together
+        with stops.finish_first():  # the buffer and the fallback change together
             self.buffer.add(np.stack(obs_l), np.stack(act_l), np.array(rew_l, np.float32),
                             np.array(term_l, np.uint8))
             self._fallback = None

@@ -7,8 +7,9 @@ adding one is adding a file. Every :class:`~tdmpc_opt.errors.TdmpcError` is prin
 ``error: ...`` with exit code 2, and so are failures of the machine rather than of the code
 (an operating-system error such as a folder that cannot be created, memory exhausted); a
 closed output pipe (``| head``) ends quietly; Ctrl-C exits with 130 and the command's note.
-SIGTERM (``kill PID``, ``timeout``, a scheduler's preemption) is handled as Ctrl-C -- the
-same clean-up, the same note -- and exits with 143. Every command runs with
+SIGTERM (``kill PID``, ``timeout``, a scheduler's preemption) and SIGHUP (the terminal closed,
+e.g. a dropped SSH connection) are handled as Ctrl-C -- the same clean-up, the same note -- and
+exit with 143 and 129 (:mod:`tdmpc_opt.stops`). Every command runs with
 :func:`~tdmpc_opt.allocator.keep_freed_memory`.
 """
 
@@ -24,6 +25,7 @@ import threading
 import warnings
 
 from tdmpc_opt.errors import TdmpcError
+from tdmpc_opt.stops import STOP_SIGNALS, act_on, held_back
 
 INTERRUPTED = "interrupted; finished work is saved, run the same command again to continue"
 """Ctrl-C note of a command that does not set its own ``INTERRUPTED``."""
@@ -31,52 +33,55 @@ _OUT_OF_MEMORY = "error: out of memory; try a smaller batch, model or sample cou
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C is, so that the same clean-up runs (worker
-    processes stopped, partial outputs removed, finished work kept)."""
+    """SIGTERM or SIGHUP, raised in the main thread as Ctrl-C is, so that the same clean-up runs
+    (worker processes stopped, partial outputs removed, finished work kept). The command exits
+    with 128 + ``signum``."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Within: the first SIGTERM raises :class:`Terminated`; later ones are ignored, so they
-    cannot cut that clean-up short (SIGKILL still ends the process). Nothing changes where
-    SIGTERM is already handled or ignored, or off the main thread (``main()`` called from a
-    library)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+def _stops_as_interrupt():
+    """Within: the first SIGTERM or SIGHUP raises :class:`Terminated`; later ones are ignored,
+    so they cannot cut that clean-up short (SIGKILL still ends the process). A signal already
+    handled or ignored (SIGHUP under ``nohup``) is left so, and nothing changes off the main
+    thread (``main()`` called from a library)."""
+    ours = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT
+            and signal.getsignal(sig) is signal.SIG_DFL]
+    if threading.current_thread() is not threading.main_thread() or not ours:
         yield
         return
 
     def terminated(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
+        for sig in ours:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
 
-    signal.signal(signal.SIGTERM, terminated)
+    for sig in ours:
+        signal.signal(sig, terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in ours:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _import_torch_whole() -> None:
-    """Import PyTorch with Ctrl-C and SIGTERM held back until it is done, then act on them.
-    Torch's C start-up imports NumPy and swallows an exception raised inside it: a stop landing
-    there left a half-imported NumPy behind, and the command failed later with a traceback
-    (seen: RecursionError in ``numpy.__getattr__`` after SIGTERM 0.4 s into ``collect``)."""
-    if threading.current_thread() is not threading.main_thread():
-        import torch  # noqa: F401 - no signal arrives off the main thread
-        return
-    caught: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous = {sig: h for sig, h in previous.items() if h is not None}  # None: not Python's
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: caught.append(signum))
-    try:
+    """Import PyTorch with stop signals held back until it is done, then act on them. Torch's
+    C start-up imports NumPy and swallows an exception raised inside it: a stop landing there
+    left a half-imported NumPy behind, and the command failed later with a traceback (seen:
+    RecursionError in ``numpy.__getattr__`` after SIGTERM 0.4 s into ``collect``)."""
+    with held_back() as caught:
         import torch  # noqa: F401
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    for sig in dict.fromkeys(caught):
-        signal.raise_signal(sig)
+    act_on(caught)
+
+
+def _say(line: str) -> None:
+    """Print to stderr; quietly nothing where it is gone (a closed terminal after SIGHUP)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="glfw")
     note = INTERRUPTED  # the command's own once its arguments are read
     try:
-        with _sigterm_as_interrupt():  # from the start: a stop while importing is no traceback
+        with _stops_as_interrupt():  # from the start: a stop while importing is no traceback
             parser = build_parser()
             args = parser.parse_args(argv)
             if not getattr(args, "_run", None):
@@ -132,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(note, file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        _say(note)
+        return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
     except BrokenPipeError:  # the reader of stdout went away (``| head``): nothing to say
         _silence_stdout()
         return 141
