@@ -301,6 +301,10 @@ def _slow_main(rank: int, port: int, wait: str, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    Path(out, f"started{rank}").touch()  # join together: the timeout also bounds the joining
+    deadline = time.monotonic() + 60
+    while not Path(out, f"started{1 - rank}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     distributed.init(distributed.detect(), "cpu", timeout_s=1.5)
     try:
         if rank == 0:
