@@ -118,7 +118,7 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
     (:func:`~tdmpc_opt.distributed.local_batch`, :func:`~tdmpc_opt.distributed.rank_seed`);
     only rank 0 evaluates, shows progress and writes to ``run``.
 
-    Ctrl-C or SIGTERM lets the update under way finish, checkpoints it and raises
+    Ctrl-C, SIGTERM or SIGHUP lets the update under way finish, checkpoints it and raises
     ``KeyboardInterrupt``; under torchrun the ranks first agree after every update whether any
     was stopped (:func:`~tdmpc_opt.distributed.any_rank`), so all checkpoint the same update.
 
