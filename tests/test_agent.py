@@ -46,6 +46,22 @@ def test_policy_mode(tiny_cfg):
     assert a.shape == (6,) and not torch.equal(a, b)
 
 
+def test_layers_name_the_planners_view_and_the_policy_builds_none(tiny_cfg, tiny_planner):
+    from tdmpc_opt import cpu_kernels
+    from tdmpc_opt.fast_model import _VIEWS, FastWorldModel
+
+    model = WorldModel(tiny_cfg)
+    for precision in ("fp32", "bf16", "int8"):
+        agent = Agent(model, tiny_planner, precision=precision)
+        assert agent.layers == FastWorldModel(model, precision).layers
+        assert agent.layers.startswith(f"{precision} on cpu: ")
+    kernel = cpu_kernels.available()
+    assert ("fused CPU kernel" in Agent(model, tiny_planner, precision="int8").layers) == kernel
+    other = WorldModel(tiny_cfg)
+    policy = Agent(other, PlannerConfig(mpc=False), precision="int8")
+    assert policy.layers.endswith("no planning") and other not in _VIEWS
+
+
 def test_bad_inputs(tiny_cfg, tiny_planner):
     agent = Agent(WorldModel(tiny_cfg), tiny_planner)
     with pytest.raises(TaskError, match="not in this model's task set"):

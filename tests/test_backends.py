@@ -9,11 +9,14 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import random_model
+from tdmpc_opt import cpu_kernels
 from tdmpc_opt.backends import FAULT_ENV, episode_cost, make_chunks, run_rollouts
 from tdmpc_opt.checkpoints import save_checkpoint
 from tdmpc_opt.cli import main
 from tdmpc_opt.errors import ConfigError
 from tdmpc_opt.evaluation import episode_specs
+from tdmpc_opt.quantization import load_fast_agent
 from tdmpc_opt.tasks import TASK_SETS
 from tdmpc_opt.world_model import WorldModel
 
@@ -21,9 +24,8 @@ TASKS = ("walker-walk", "cartpole-balance", "pendulum-swingup")
 STEPS = 5
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny three-task model saved as a safetensors checkpoint."""
+def _tiny_checkpoint(folder, name: str, make_model) -> str:
+    """``make_model(cfg)`` for a tiny three-task config (torch seeded), saved as safetensors."""
     import torch
 
     from tdmpc_opt.config import model_config_for
@@ -31,9 +33,15 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     cfg = model_config_for(TASKS, None, enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8,
                            num_q=2, simnorm_dim=8)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(path, WorldModel(cfg))
+    path = folder / name
+    save_checkpoint(path, make_model(cfg))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny three-task model saved as a safetensors checkpoint."""
+    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "tiny.safetensors", WorldModel)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +101,53 @@ def test_local_worker_death_is_retried(ckpt, specs, reference, tmp_path, monkeyp
                            on_result=streamed.append)
     assert marker.exists() and _rows(results) == expected
     assert sorted(_rows(streamed)) == sorted(expected)
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory):
+    """The tiny model with random weights everywhere (a fresh model's zero heads tie all
+    values, so every precision plans the same actions)."""
+    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "random.safetensors", random_model)
+
+
+def _eval_returns(ckpt, out, *extra) -> dict:
+    args = ["eval", "--checkpoint", ckpt, "--tasks", "cartpole-balance,walker-walk",
+            "--episodes", "2", "--max-steps", "10", "--json", str(out), "--quiet",
+            "iterations=2", "num_samples=32", "num_elites=8", "num_pi_trajs=4", *extra]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    return {t: v["returns"] for t, v in result["tasks"].items()}
+
+
+def test_eval_workers_plan_in_the_precision_asked_for(random_ckpt, tmp_path):
+    """``--precision`` reaches worker processes (they used to plan in the file's own runtime
+    while the results said otherwise)."""
+    fp32 = _eval_returns(random_ckpt, tmp_path / "fp32.json")
+    int8 = _eval_returns(random_ckpt, tmp_path / "int8.json", "--precision", "int8")
+    assert int8 != fp32  # the precision matters for these episodes
+    workers = _eval_returns(random_ckpt, tmp_path / "w.json", "--precision", "int8",
+                            "--workers", "2")
+    assert workers == int8
+    assert json.loads((tmp_path / "w.json").read_text())["runtime"] == "int8"
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the fused CPU kernel does not build here")
+def test_a_worker_computing_the_layers_otherwise_is_refused(ckpt, tmp_path, monkeypatch, capsys):
+    """A worker process where the fused kernel does not load would plan int8 with another code
+    scheme: the evaluation stops with one line instead of mixing the two in its results."""
+    here = load_fast_agent(ckpt, "int8").layers  # this process: the kernel, loaded
+    monkeypatch.setenv("TDMPC_OPT_NO_CPU_KERNELS", "1")  # seen by spawned workers only
+    out = tmp_path / "r.json"
+    args = ["eval", "--checkpoint", ckpt, "--tasks", "cartpole-balance", "--episodes", "1",
+            "--max-steps", "2", "--json", str(out), "--quiet", "--precision", "int8",
+            "--workers", "2", "iterations=1", "num_samples=16", "num_elites=4",
+            "num_pi_trajs=2"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"the run with {here!r}" in err and "disabled by TDMPC_OPT_NO_CPU_KERNELS" in err
+    assert "PyTorch ops" in err and not out.exists()
 
 
 def test_ray_matches_local(ray_instance, ckpt, specs, reference):
@@ -213,6 +268,31 @@ def test_collect_local_workers_with_a_killed_worker(ckpt, collected, tmp_path, m
     got = _collect(ckpt, tmp_path / "w2", "--workers", "2", "--batch", "2")
     assert marker.exists() and "6 episodes, 24 transitions" in capsys.readouterr().out
     _assert_same_dataset(got, collected)  # every episode once, in order, same numbers
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the fused CPU kernel does not build here")
+def test_collect_refuses_workers_and_episodes_planned_with_other_layers(ckpt, tmp_path,
+                                                                         monkeypatch, capsys):
+    """An MPPI collection's episodes come from one way of computing the layers: workers where
+    the fused kernel does not load, and episodes kept by such a process, are refused."""
+    from tdmpc_opt.cli.collect import EpisodeStore
+    from tdmpc_opt.config import PlannerConfig
+
+    here = load_fast_agent(ckpt, planner=PlannerConfig()).layers
+    with monkeypatch.context() as m:
+        m.setenv("TDMPC_OPT_NO_CPU_KERNELS", "1")  # seen by the spawned workers only
+        capsys.readouterr()
+        assert main(["collect", "--checkpoint", ckpt, "--out", str(tmp_path / "w"), *COLLECT,
+                     "--workers", "2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"the run with {here!r}" in err, err
+    out = tmp_path / "d"
+    common = dict(seed=3, mpc=True, explore=True, action_noise=0.3, max_steps=4)
+    EpisodeStore.for_output(out, ckpt, **common, layers="fp32 on cpu: PyTorch ops")
+    assert main(["collect", "--checkpoint", ckpt, "--out", str(out), *COLLECT]) == 2
+    assert "made with other settings (layers)" in capsys.readouterr().err
+    EpisodeStore.for_output(tmp_path / "e", ckpt, **common, layers=here)  # the same: accepted
+    assert main(["collect", "--checkpoint", ckpt, "--out", str(tmp_path / "e"), *COLLECT]) == 0
 
 
 def test_collect_ray_with_a_killed_worker(ray_instance, ckpt, collected, tmp_path,

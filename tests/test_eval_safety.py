@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tdmpc_opt import cpu_kernels
 from tdmpc_opt.backends import FAULT_ENV, run_rollouts
 from tdmpc_opt.checkpoints import save_checkpoint
 from tdmpc_opt.cli import INTERRUPTED, main
@@ -171,7 +172,7 @@ def test_resume_skips_a_torn_line_and_appends_on_a_new_line(ckpt, tmp_path, caps
     (["--tasks", "walker-walk", "--episodes", "1"], "task_names"),
     (["--tasks", "walker-walk,cartpole-balance"], "task_names"),
     (["--tasks", "cartpole-balance", "--planner", "mppi", "num_samples=16", "num_elites=4",
-      "num_pi_trajs=2", "iterations=1"], "planner"),
+      "num_pi_trajs=2", "iterations=1"], "layers, planner"),
     (["--tasks", "cartpole-balance", "--seed", "2"], "seed"),
 ])
 def test_other_tasks_or_settings_are_refused(ckpt, tmp_path, capsys, change, key):
@@ -188,6 +189,27 @@ def test_other_tasks_or_settings_are_refused(ckpt, tmp_path, capsys, change, key
     assert f"{out} holds the results of an evaluation with other settings ({key})" in \
         _one_line_error(capsys)
     assert out.read_text() == saved[0]
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the fused CPU kernel does not build here")
+def test_episodes_planned_with_other_layers_are_refused(ckpt, tmp_path, capsys):
+    """An int8 evaluation begun in a process where the fused kernel did not load (another
+    code scheme) is not continued where it loads: its episodes would not be comparable."""
+    out = tmp_path / "r.json"
+    argv = _eval(ckpt, out, "--tasks", "cartpole-balance", "--planner", "mppi",
+                 "--precision", "int8", "num_samples=16", "num_elites=4", "num_pi_trajs=2",
+                 "iterations=1")
+    code = "import sys; from tdmpc_opt.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, TDMPC_OPT_NO_CPU_KERNELS="1")
+    subprocess.run([sys.executable, "-c", code, *argv, "--episodes", "1"], env=env, check=True,
+                   capture_output=True)
+    assert json.loads(out.read_text())["layers"] == "int8 on cpu: PyTorch ops, 15-bit codes " \
+        "into dyn,q"
+    saved = _log(out).read_text()
+    capsys.readouterr()
+    assert main([*argv, "--episodes", "2"]) == 2
+    assert "an evaluation with other settings (layers)" in _one_line_error(capsys)
+    assert _log(out).read_text() == saved
 
 
 def test_more_episodes_add_and_fewer_report_the_first(ckpt, tmp_path, capsys):

@@ -113,7 +113,8 @@ def test_published_checkpoint_short_episode_cli_and_resume(fp16_ckpt, tmp_path, 
     saved = out.read_text(), out.with_name("r.json.episodes.jsonl").read_text()
     assert main(args + ["--precision", "int8"]) == 2
     err = capsys.readouterr().err
-    assert "holds 2 finished episode(s) of an evaluation with other settings (runtime)" in err
+    assert "holds 2 finished episode(s) of an evaluation with other settings (runtime, " \
+        "layers)" in err
     assert (out.read_text(), out.with_name("r.json.episodes.jsonl").read_text()) == saved
     other = tmp_path / "int8.json"
     assert main([*args[:-5], str(other), *args[-4:], "--precision", "int8"]) == 0

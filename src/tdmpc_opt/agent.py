@@ -17,7 +17,7 @@ import torch
 from tdmpc_opt import math as tm
 from tdmpc_opt.config import PlannerConfig
 from tdmpc_opt.errors import ConfigError, InputError, TaskError
-from tdmpc_opt.fast_model import parse_precision
+from tdmpc_opt.fast_model import fast_view, parse_precision
 from tdmpc_opt.planner import draw_noise, plan
 from tdmpc_opt.world_model import WorldModel
 
@@ -73,6 +73,15 @@ class Agent:
     def cfg(self):
         """The world model's :class:`~tdmpc_opt.config.ModelConfig`."""
         return self.model.cfg
+
+    @property
+    def layers(self) -> str:
+        """How the planner computes the model's hidden layers here (the
+        :attr:`~tdmpc_opt.fast_model.FastWorldModel.layers` of its view); without MPPI the
+        policy prior acts through the float32 model and no view is built."""
+        if not self.planner.mpc:
+            return f"fp32 on {self.device.type}: the policy prior's float32 model, no planning"
+        return fast_view(self.model, self.precision).layers
 
     def with_planner(self, **changes) -> Agent:
         """A new agent sharing this model with planner settings changed."""

@@ -81,6 +81,25 @@ class _Job:
     eval_mode: bool = True
     action_noise: float | tuple[float, ...] = 0.0
     trajectories: bool = False
+    precision: str = "auto"
+    layers: str | None = None
+
+    def agent(self, path: str):
+        """This process's agent for the file at ``path``, checked to compute its layers as
+        :attr:`layers` says (when set)."""
+        agent = cached_agent(path, self.planner, self.device, self.precision)
+        if self.layers is not None and agent.layers != self.layers:
+            import socket
+
+            from tdmpc_opt import cpu_kernels
+
+            why = cpu_kernels.unavailable_reason()
+            raise TdmpcError(f"a worker on {socket.gethostname()} plans with {agent.layers!r}, "
+                             f"the run with {self.layers!r}"
+                             + (f" (here the fused CPU kernel is unavailable: {why})"
+                                if why else "")
+                             + "; their episodes would not be comparable")
+        return agent
 
     def run(self, agent, specs: list[EpisodeSpec], on_result=None,
             on_step=None) -> list[EpisodeResult]:
@@ -99,7 +118,8 @@ def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[Epi
                  on_step: Callable[[int], None] | None = None, device: str = "cpu",
                  threads: int = 1, max_retries: int = 3, eval_mode: bool = True,
                  action_noise: float | tuple[float, ...] = 0.0,
-                 trajectories: bool = False) -> list[EpisodeResult]:
+                 trajectories: bool = False, precision: str = "auto",
+                 layers: str | None = None) -> list[EpisodeResult]:
     """Run ``specs`` with the agent of ``checkpoint`` on a backend; results in spec order.
 
     Args:
@@ -132,14 +152,14 @@ def run_rollouts(checkpoint: str | Path, planner: PlannerConfig, specs: list[Epi
     if not stds or not all(math.isfinite(s) and s >= 0 for s in stds):
         raise ConfigError(f"action noise must be >= 0, got {action_noise}")
     job = _Job(planner, batch_size, max_steps, device, threads, _fault_setting(), eval_mode,
-               action_noise, trajectories)
+               action_noise, trajectories, precision, layers)
     collector = _Collector(on_result, on_step)
     if not specs:
         return []
     if backend == "ray":
         _run_ray(str(checkpoint), job, specs, workers, ray_address, max_retries, collector)
     elif (workers or 1) == 1:
-        job.run(cached_agent(str(checkpoint), planner, device), specs, collector.add, on_step)
+        job.run(job.agent(str(checkpoint)), specs, collector.add, on_step)
     else:
         _run_processes(str(checkpoint), job, specs, workers, max_retries, collector)
     return collector.ordered(specs)
@@ -214,19 +234,24 @@ def _longest_first(chunks: list[list[EpisodeSpec]], max_steps: int | None) -> li
 
 
 # ------------------------------------------------------------------------- worker side
-def cached_agent(path: str, planner: PlannerConfig, device: str = "cpu"):
-    """The file's agent, planning in the runtime the file asks for (see
-    :func:`~tdmpc_opt.quantization.load_fast_agent`), reusing the last one loaded here.
+def cached_agent(path: str, planner: PlannerConfig, device: str = "cpu",
+                 precision: str = "auto"):
+    """The file's agent, planning in ``precision`` (``auto``: the runtime the file asks for,
+    see :func:`~tdmpc_opt.quantization.load_fast_agent`; else an
+    :class:`~tdmpc_opt.agent.Agent` precision, ``+compile`` included), reusing the last one
+    loaded here.
 
-    One agent is kept per process, keyed by the file's path, size and modification time.
+    One agent is kept per process, keyed by the file's path, size and modification time and
+    the settings.
     """
-    from tdmpc_opt.quantization import load_fast_agent
+    from tdmpc_opt.quantization import load_fast_agent, with_precision
 
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, planner, device)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, planner, device, precision)
     if key not in _AGENT_CACHE:
         _AGENT_CACHE.clear()
-        _AGENT_CACHE[key] = load_fast_agent(path, planner=planner, device=device)
+        agent = load_fast_agent(path, planner=planner, device=device)
+        _AGENT_CACHE[key] = agent if precision == "auto" else with_precision(agent, precision)
     return _AGENT_CACHE[key]
 
 
@@ -239,7 +264,7 @@ def run_chunk(path: str, job: _Job, index: int, specs: list[EpisodeSpec]) -> lis
     keep_freed_memory()
     if torch.get_num_threads() != job.threads:
         torch.set_num_threads(job.threads)
-    agent = cached_agent(path, job.planner, job.device)
+    agent = job.agent(path)
     _maybe_fail(job.fault, index, lambda part: job.run(agent, part), specs)
     return job.run(agent, specs)
 

@@ -370,6 +370,24 @@ class FastWorldModel:
             self._build_q(model, emb)
             self.centers = tm.bin_centers(c.num_bins, c.vmin, c.vmax, self.device)
 
+    @property
+    def layers(self) -> str:
+        """How this view computes its hidden layers, in words, e.g. ``int8 on cpu: fused CPU
+        kernel, reference-row codes``. Two views of one model in the same precision and with the
+        same description plan the same numbers; where the descriptions differ (the fused kernel
+        built in one process and not in another), int8 plans with another code scheme, so an
+        evaluation records this and never mixes episodes of both."""
+        if self.fused_kernel:
+            how = "fused CPU kernel, " + ("reference-row codes" if self.ref_codes else
+                                         "15-bit codes into " + ",".join(sorted(self.wide)))
+        elif self.fused_ln:
+            how = "fused CPU kernel"
+        else:
+            how = "PyTorch ops" + (", 15-bit codes into " + ",".join(sorted(self.wide))
+                                   if self.wide else "")
+        compiled = COMPILE_SUFFIX if self.compile else ""
+        return f"{self.precision}{compiled} on {self.device.type}: {how}"
+
     # ------------------------------------------------------------------- construction
     def _norm(self, ln, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = ln.weight.detach().float(), ln.bias.detach().float()

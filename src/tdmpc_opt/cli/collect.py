@@ -101,15 +101,18 @@ class EpisodeStore:
     @classmethod
     def for_output(cls, out, checkpoint, *, seed: int, mpc: bool, explore: bool,
                    action_noise: float | tuple[float, ...] = 0.0,
-                   max_steps: int | None = None) -> EpisodeStore:
+                   max_steps: int | None = None, layers: str | None = None) -> EpisodeStore:
         """The store of a collection into dataset ``out`` (``.NAME.collecting`` beside it) by
-        the agent of ``checkpoint`` with these settings."""
+        the agent of ``checkpoint`` with these settings; ``layers``: how an MPPI collection's
+        planner computes its layers (:attr:`~tdmpc_opt.agent.Agent.layers`), part of the
+        identity when given."""
         from tdmpc_opt.checkpoints import file_sha256
 
         noise = list(action_noise) if isinstance(action_noise, tuple) else action_noise
-        return cls(store_folder(out), {
-            "checkpoint_sha256": file_sha256(checkpoint), "seed": seed, "mpc": mpc,
-            "explore": explore, "action_noise": noise, "max_steps": max_steps})
+        identity = {"checkpoint_sha256": file_sha256(checkpoint), "seed": seed, "mpc": mpc,
+                    "explore": explore, "action_noise": noise, "max_steps": max_steps}
+        return cls(store_folder(out), identity if layers is None else
+                   dict(identity, layers=layers))
 
     def missing(self, specs) -> list:
         """The episodes of ``specs`` not kept here yet."""
@@ -279,7 +282,10 @@ def run(args) -> int:
         raise CheckpointError(f"{ckpt}: no such file")
     planner = PlannerConfig(mpc=not args.policy)
     # the agent the in-process backend plans with (workers load the same file the same way)
-    cfg = cached_agent(str(ckpt), planner).cfg
+    agent = cached_agent(str(ckpt), planner)
+    cfg = agent.cfg
+    # MPPI plays episodes as the planner computes its layers here; workers must do the same
+    layers = agent.layers if planner.mpc else None
     tasks = resolve_tasks(args.tasks)
     names = cfg.tasks if cfg.multitask else (cfg.tasks or tasks[:1])
     unknown = [t for t in tasks if t not in names]
@@ -293,7 +299,7 @@ def run(args) -> int:
 
     store = EpisodeStore.for_output(args.out, ckpt, seed=args.seed, mpc=planner.mpc,
                                     explore=args.explore, action_noise=args.action_noise,
-                                    max_steps=args.max_steps)
+                                    max_steps=args.max_steps, layers=layers)
     specs = episode_specs(tasks, args.episodes, args.seed)
     todo = store.missing(specs)
     if len(todo) < len(specs):
@@ -303,7 +309,7 @@ def run(args) -> int:
         run_rollouts(str(ckpt), planner, todo, batch_size=args.batch, max_steps=args.max_steps,
                      on_result=store.add, eval_mode=not args.explore,
                      action_noise=args.action_noise, trajectories=True, backend=args.backend,
-                     workers=args.workers, ray_address=args.ray_address)
+                     workers=args.workers, ray_address=args.ray_address, layers=layers)
     returns: dict[str, list[float]] = {}
     ds, n = store.write_dataset(args.out, specs, tuple(names), cfg, _task_ids(cfg, tasks),
                                 overwrite=args.overwrite, source=f"collected with {ckpt.name}",

@@ -6,8 +6,11 @@ appended to OUT.json.episodes.jsonl at once: an interrupted evaluation started a
 same arguments skips the episodes it already finished (a line cut short by a crash is skipped
 with a warning); with more --episodes it adds the missing ones, with fewer it reports the first.
 An OUT.json that holds the results of an evaluation with other settings (checkpoint, precision,
-seed, tasks, --max-steps, planner), or is no result of this command, is refused, never
-overwritten: choose another --json, or delete it to start over. Ctrl-C keeps every finished
+how the planner computes its layers here, seed, tasks, --max-steps, planner), or is no result
+of this command, is refused, never overwritten: choose another --json, or delete it to start
+over. Worker processes and Ray tasks plan in the same precision as this process, and refuse to
+play episodes where they would compute the layers otherwise (e.g. int8 where the fused CPU
+kernel does not build). Ctrl-C keeps every finished
 episode (worker processes are stopped at once).
 
 Examples:
@@ -113,7 +116,7 @@ def _identity(args, agent, planner, tasks) -> dict:
     from tdmpc_opt.config import config_to_dict
 
     return {"checkpoint_sha256": agent.info.get("sha256"), "runtime": agent.precision,
-            "seed": args.seed, "task_names": list(tasks),
+            "layers": agent.layers, "seed": args.seed, "task_names": list(tasks),
             "max_steps": args.max_steps, "planner": config_to_dict(planner)}
 
 
@@ -275,8 +278,8 @@ def run(args) -> int:
     todo = (s for s in iter_episode_specs(tasks, args.episodes, args.seed)
             if (s.task, s.episode) not in done)
     start = time.perf_counter()
-    steps = _run_with_progress(agent if in_process else planner, todo,
-                               _steps_left(tasks, args, finished), args, on_result)
+    steps = _run_with_progress(agent, in_process, todo, _steps_left(tasks, args, finished),
+                               args, on_result)
     elapsed = time.perf_counter() - start
     summary = summarize(list(finished.values()) + steps, tasks)
     if args.json:  # before the table: a closed stdout (``| head``) loses nothing
@@ -312,13 +315,13 @@ def _check_backend(args, in_process: bool) -> None:
     check_backend_options(args.backend, args.ray_address)
 
 
-def _run_with_progress(agent, todo, total: int, args, on_result):
+def _run_with_progress(agent, in_process: bool, todo, total: int, args, on_result):
     """Run the episodes of the iterator ``todo`` (``total`` agent steps at most) with a
-    progress bar, ``_BLOCK`` at a time: in this process when ``agent`` is an Agent, else on
-    ``args.backend`` with ``agent`` the PlannerConfig that the workers plan with."""
+    progress bar, ``_BLOCK`` at a time: with ``agent`` in this process, else on
+    ``args.backend``, whose workers load the checkpoint and plan as ``agent`` does (its
+    planner and precision; a worker that would compute the layers otherwise is an error)."""
     from tqdm import tqdm
 
-    from tdmpc_opt.config import PlannerConfig
     from tdmpc_opt.evaluation import run_episodes, write_video
 
     bar = tqdm(total=total, unit="step", disable=args.quiet or not total, desc="eval")
@@ -334,15 +337,16 @@ def _run_with_progress(agent, todo, total: int, args, on_result):
         write_video(Path(args.video) / f"{spec.task}.mp4", frames)
 
     def run_block(block):
-        if isinstance(agent, PlannerConfig):
+        if not in_process:
             from tdmpc_opt.backends import run_rollouts
 
-            return run_rollouts(args.checkpoint, agent, block,
+            return run_rollouts(args.checkpoint, agent.planner, block,
                                 backend=args.backend, workers=args.workers,
                                 batch_size=args.batch_size, max_steps=args.max_steps,
                                 ray_address=args.ray_address, on_result=on_result,
                                 on_step=bar.update, device=args.device,
-                                threads=args.threads or 1)
+                                threads=args.threads or 1, precision=agent.precision,
+                                layers=agent.layers)
         return run_episodes(agent, block, args.batch_size, args.max_steps, True, on_result,
                             bar.update, record, on_video)
 
