@@ -141,6 +141,7 @@ def test_killed_pipeline_finishes_with_the_same_report(tmp_path):
     _wait_for(run / "student" / "checkpoints", "step-*.pt", proc)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     out, _ = proc.communicate(timeout=120)
+    history = [f"--- Ctrl-C in the student's training:\n{out[-1500:]}"]  # for failure messages
     assert proc.returncode == 130, out
     assert "interrupted" in out
     assert not (run / "stages" / "student.json").exists()
@@ -150,6 +151,7 @@ def test_killed_pipeline_finishes_with_the_same_report(tmp_path):
     _wait_for(run / "distilled" / "checkpoints", "step-*.pt", proc)
     proc.kill()  # kill -9
     out, _ = proc.communicate(timeout=60)
+    history.append(f"--- kill -9 in the distilled student's training:\n{out[-1500:]}")
     assert "[student] done earlier, skipped" not in out  # it resumed the student, then ...
     assert not (run / "stages" / "distilled.json").exists()
 
@@ -159,23 +161,32 @@ def test_killed_pipeline_finishes_with_the_same_report(tmp_path):
         # The kill moment counts from the run's first (flushed) line, not from the start of
         # Python: on a loaded machine the imports alone can outlast the shortest wait.
         first = _first_line(proc)
+        wait = rng.uniform(2.0, 10.0)
         try:
-            proc.wait(timeout=rng.uniform(2.0, 10.0))
+            proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             proc.kill()
         out = first + proc.communicate(timeout=60)[0]
+        history.append(f"--- killed {wait:.1f} s after its first line (exit {proc.returncode}):"
+                       f"\n{out[-1500:]}")
         for stage in ("teacher", "data", "student"):
             assert f"[{stage}] done earlier, skipped" in out, out
 
     proc = _start(run, longer)
     out, _ = proc.communicate(timeout=600)
+    history.append(f"--- final run (exit {proc.returncode}):\n{out[-3000:]}")
     assert proc.returncode == 0, out
     assert (run / "data" / "meta.json").stat().st_mtime_ns == data_time
     _check_complete(run, longer)
-    assert _results_without_timing(run) == _results_without_timing(reference)
-    for name in MODELS:
-        assert _same_tensors(run / "models" / f"{name}.safetensors",
-                             reference / "models" / f"{name}.safetensors"), name
+    # The models first: the first one that differs names the stage that went wrong.
+    differing = [name for name in MODELS
+                 if not _same_tensors(run / "models" / f"{name}.safetensors",
+                                      reference / "models" / f"{name}.safetensors")]
+    assert not differing, f"models differ from the reference: {differing}\n" + "\n".join(history)
+    got, want = _results_without_timing(run), _results_without_timing(reference)
+    assert got == want, "\n".join(
+        [f"{a['model']}: {a['returns']} != {b['returns']}"
+         for a, b in zip(got["models"], want["models"], strict=True) if a != b] + history)
 
 
 def test_other_settings_in_the_same_run_dir_are_refused(tmp_path, capsys):
