@@ -60,6 +60,12 @@ def test_tiny_pipeline_makes_every_stage_and_the_report(tmp_path, capsys):
     assert by["distilled-int8"]["file_bytes"] < by["distilled-fp16"]["file_bytes"] < \
         by["distilled"]["file_bytes"]
     assert by["distilled-int8"]["runtime"] == "int8"
+    assert by["distilled-int8"]["layers"].startswith("int8 on cpu: ")
+    assert by["teacher"]["layers"] == by["distilled-fp16"]["layers"] != by["distilled-int8"][
+        "layers"]
+    note = next(line for line in (run / "report.md").read_text().splitlines()
+                if line.startswith("Evaluation planner layers -- "))
+    assert f"**distilled, INT8**: `{by['distilled-int8']['layers']}`" in note
     # same episodes for every model
     seeds = {json.dumps(m["episode_seeds"], sort_keys=True) for m in results["models"]}
     assert len(seeds) == 1

@@ -71,8 +71,23 @@ def collect_rows(pipe) -> list[dict]:
             "returns": {t: v["returns"] for t, v in result["tasks"].items()},
             "episode_seeds": {t: v["seeds"] for t, v in result["tasks"].items()},
             "latency_ms": 1000 * latency[name]["median_s"], "runtime": latency[name]["runtime"],
+            "layers": result.get("layers"),  # absent in results made before 2026-12-04
         })
     return rows
+
+
+def _layers_note(rows: list[dict]) -> list[str]:
+    """One line saying how each model's evaluation planner computed its layers (the same
+    precision plans other numbers where the fused CPU kernel did not build), then a blank."""
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("layers"):
+            by.setdefault(r["layers"], []).append(r["label"])
+    if not by:
+        return []
+    parts = [" ".join(f"**{label}**" for label in labels) + f": `{layers}`"
+             for layers, labels in by.items()]
+    return ["Evaluation planner layers -- " + "; ".join(parts) + ".", ""]
 
 
 def stage_seconds(pipe) -> dict[str, float]:
@@ -110,6 +125,7 @@ def markdown(pipe, rows: list[dict], verdict: str, seconds: dict[str, float]) ->
         f"{episodes} agent steps each, MPPI with {cfg.num_samples} samples x "
         f"{cfg.iterations} iterations. Latency: median wall time of one planner call for "
         "one environment, in the runtime the file asks for.", "",
+        *_layers_note(rows),
         "## Distillation", "",
         verdict, "",
         f"Both students: {rows[1]['parameters']:,} parameters "
