@@ -10,8 +10,8 @@ how the planner computes its layers here, seed, tasks, --max-steps, planner), or
 of this command, is refused, never overwritten: choose another --json, or delete it to start
 over. Worker processes and Ray tasks plan in the same precision as this process, and refuse to
 play episodes where they would compute the layers otherwise (e.g. int8 where the fused CPU
-kernel does not build). Ctrl-C keeps every finished
-episode (worker processes are stopped at once).
+kernel does not build). Ctrl-C keeps every finished episode (worker processes are stopped at
+once).
 
 Examples:
   tdmpc-opt eval --checkpoint ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt \\
