@@ -108,6 +108,83 @@ def test_pruning_leaves_higher_steps_alone_and_keeps_the_one_just_written(tmp_pa
     assert new.is_file() and run.checkpoint_path(10).is_file()
 
 
+def _model_tensors(path: Path) -> dict:
+    from tdmpc_opt.checkpoints import read_state_dict
+
+    return read_state_dict(path)[0]  # a training checkpoint: its world model's tensors
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_model_file_is_written_before_each_checkpoint(dataset, tmp_path, monkeypatch):
+    """A kill between the two writes leaves the model file newer than the newest checkpoint
+    (the resumed run writes it again), never older (nothing would write it again)."""
+    import tdmpc_opt.trainer as trainer
+
+    order = []
+    save_model, save_checkpoint = trainer._save_model, RunDir.save_checkpoint
+    monkeypatch.setattr(trainer, "_save_model",
+                        lambda run, learner, step: (order.append(("model", step)),
+                                                    save_model(run, learner, step)))
+    monkeypatch.setattr(RunDir, "save_checkpoint",
+                        lambda self, step, state: (order.append(("checkpoint", step)),
+                                                   save_checkpoint(self, step, state))[1])
+    assert _train(dataset, tmp_path / "run", "steps=4", "checkpoint_freq=2") == 0
+    assert order == [("model", 2), ("checkpoint", 2), ("model", 4), ("checkpoint", 4)]
+
+
+def test_a_finished_run_resumed_writes_its_final_model_again(dataset, tmp_path):
+    """A run killed between its last checkpoint and its model file (the older write order)
+    kept the model of the checkpoint before; resuming the finished run repairs it (the main
+    job's intermittent INT8 difference: a distilled student one checkpoint behind)."""
+    from tdmpc_opt.checkpoints import load_world_model
+
+    run = tmp_path / "run"
+    assert _train(dataset, run, "steps=4", "checkpoint_freq=2") == 0
+    final = _model_tensors(run / "checkpoints" / "step-00000004.pt")
+    assert _same(_model_tensors(run / "model.safetensors"), final)
+    earlier, _ = load_world_model(run / "checkpoints" / "step-00000002.pt")
+    save_checkpoint(run / "model.safetensors", earlier, extra={"step": 2})  # the killed state
+    assert not _same(_model_tensors(run / "model.safetensors"), final)
+    assert _train(dataset, run, "steps=4", "checkpoint_freq=2", resume=True) == 0
+    assert _same(_model_tensors(run / "model.safetensors"), final)
+
+
+def test_a_training_checkpoint_loads_as_a_model_with_its_runs_settings(dataset, tmp_path,
+                                                                        capsys):
+    """``checkpoints/step-N.pt`` is a model for eval, info, quantize...: its world model with
+    the run's config.json; moved away from its run, or not matching its checksum, one line."""
+    import shutil
+
+    from tdmpc_opt.checkpoints import describe, load_world_model
+
+    run = tmp_path / "run"
+    assert _train(dataset, run, "steps=4", "checkpoint_freq=2") == 0
+    step4 = run / "checkpoints" / "step-00000004.pt"
+    model, info = load_world_model(step4)
+    final, _ = load_world_model(run / "model.safetensors")
+    assert model.cfg == final.cfg and _same(model.state_dict(), final.state_dict())
+    assert describe(step4)["format"] == "tdmpc-opt training checkpoint"
+    out = tmp_path / "r.json"
+    assert main(["eval", "--checkpoint", str(step4), "--tasks", "cartpole-balance",
+                 "--planner", "policy", "--max-steps", "2", "--quiet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["checkpoint_sha256"] == info["sha256"]
+
+    alone = tmp_path / "alone" / "step-00000004.pt"
+    alone.parent.mkdir()
+    shutil.copy(step4, alone)
+    capsys.readouterr()
+    assert main(["info", str(alone)]) == 2
+    assert "is a training checkpoint; its model settings are in its run directory's " \
+        "config.json" in _error(capsys)
+    step2 = run / "checkpoints" / "step-00000002.pt"
+    shutil.copy(step4, step2)  # another file under step 2's recorded checksum
+    assert main(["info", str(step2)]) == 2
+    assert "checksum mismatch with step-00000002.json" in _error(capsys)
+
+
 # ------------------------------------------------------ 2. other settings on resume
 def test_resume_refuses_other_training_settings_and_keeps_the_config(dataset, tmp_path, capsys):
     run = tmp_path / "run"

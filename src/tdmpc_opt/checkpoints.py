@@ -120,7 +120,9 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read the raw tensors and metadata of a checkpoint (``.pt`` or safetensors).
 
-    Returns ``(state_dict, meta)``; ``meta`` is empty for PyTorch files.
+    Returns ``(state_dict, meta)``; ``meta`` is empty for PyTorch files, except for a training
+    checkpoint (a run directory's ``checkpoints/step-N.pt``), whose world model's tensors are
+    returned with ``meta = {"training_checkpoint": "1"}``.
     Raises:
         CheckpointError: missing, empty, truncated, unsafe or unrecognised file.
     """
@@ -128,7 +130,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     _check_file(path)
     if _is_safetensors(path):
         return _read_safetensors(path)
-    return _read_torch(path), {}
+    return _read_torch(path)
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -150,7 +152,7 @@ def _check_zip_crc(path: Path) -> None:
         raise CheckpointError(f"{path}: corrupted checkpoint (checksum mismatch in {bad})")
 
 
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
@@ -173,13 +175,17 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): "
                               f"{first[:200]}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+    meta = {}
+    learner = obj.get("learner") if isinstance(obj, dict) else None
+    if isinstance(learner, dict) and isinstance(learner.get("model"), dict):
+        obj, meta = learner["model"], {"training_checkpoint": "1"}  # trainer.py's layout
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: not a TD-MPC2 checkpoint (expected a dict of tensors, "
                               "optionally under 'model')")
-    return dict(obj)
+    return dict(obj), meta
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -332,6 +338,8 @@ def load_world_model(path: str | Path, device="cpu", tasks: tuple[str, ...] | No
     try:
         if meta.get("format") == FORMAT:
             state, cfg = _decode_own(state, meta, tasks, overrides)
+        elif meta.get("training_checkpoint"):
+            cfg = _config_with(_training_model_config(path), tasks, overrides)
         else:
             state = dequantize_state(migrate_official_keys(state))
             cfg = infer_model_config(state, tasks, **overrides)
@@ -342,8 +350,38 @@ def load_world_model(path: str | Path, device="cpu", tasks: tuple[str, ...] | No
             raise
         raise CheckpointError(f"{path}: {e}") from None
     info = dict(meta, sha256=file_sha256(path), source_dtypes=dtypes,
-                source_format="tdmpc-opt" if meta.get("format") == FORMAT else "torch")
+                source_format="tdmpc-opt" if meta.get("format") == FORMAT else
+                "tdmpc-opt training checkpoint" if meta.get("training_checkpoint") else "torch")
+    if meta.get("training_checkpoint"):
+        _check_training_checksum(path, info["sha256"])
     return model, info
+
+
+def _training_model_config(path: Path) -> dict:
+    """The model settings of the run a training checkpoint ``RUN/checkpoints/step-N.pt``
+    belongs to (``RUN/config.json``'s ``model``)."""
+    run_config = path.parent.parent / "config.json"
+    try:
+        return json.loads(run_config.read_text())["model"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is a training checkpoint; its model settings are in its "
+                              f"run directory's config.json, and {run_config} does not exist"
+                              ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{run_config}: unreadable run settings ({str(e)[:120]})"
+                              ) from None
+
+
+def _check_training_checksum(path: Path, sha256: str) -> None:
+    """A training checkpoint's ``step-N.json`` beside it records its sha256: compare."""
+    side = path.with_suffix(".json")
+    try:
+        recorded = json.loads(side.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return  # no record (a copied file): the zip records' CRCs were checked
+    if recorded and recorded != sha256:
+        raise CheckpointError(f"{path}: checksum mismatch with {side.name}; the file is "
+                              "corrupted or was replaced")
 
 
 def _decode_own(state, meta, tasks, overrides):
@@ -355,17 +393,7 @@ def _decode_own(state, meta, tasks, overrides):
     if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint format version {version} is newer than this "
                               f"tdmpc-opt understands ({FORMAT_VERSION}); upgrade tdmpc-opt")
-    try:
-        cfg = config_from_dict(ModelConfig, cfg_dict)
-        if tasks is not None:
-            overrides = dict(overrides, tasks=tuple(tasks))
-        if overrides:
-            import dataclasses
-
-            cfg = dataclasses.replace(cfg, **overrides)
-        cfg = cfg.validate()
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"tdmpc-opt checkpoint with bad model_config: {e}") from None
+    cfg = _config_with(cfg_dict, tasks, overrides)
     if meta.get("quantization"):
         from tdmpc_opt.quantization import dequantize_stored
 
@@ -375,6 +403,21 @@ def _decode_own(state, meta, tasks, overrides):
             raise CheckpointError(f"tdmpc-opt checkpoint with bad quantization metadata: "
                                   f"{str(e)[:200]}") from None
     return {k: v.float() for k, v in state.items()}, cfg
+
+
+def _config_with(cfg_dict: dict, tasks: tuple[str, ...] | None, overrides: dict) -> ModelConfig:
+    """A stored model config with the caller's task names and overrides applied, validated."""
+    try:
+        cfg = config_from_dict(ModelConfig, cfg_dict)
+        if tasks is not None:
+            overrides = dict(overrides, tasks=tuple(tasks))
+        if overrides:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, **overrides)
+        return cfg.validate()
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"tdmpc-opt checkpoint with bad model_config: {e}") from None
 
 
 def quantization_metadata(meta: dict) -> dict | None:

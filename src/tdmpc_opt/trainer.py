@@ -140,9 +140,14 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
 
     def checkpoint(step: int) -> None:  # a collective under torchrun: every rank calls it
         state = _state(learner, sampler, extra_state)
-        if writer is not None:
-            writer.save_checkpoint(step, state)
+        if writer is not None:  # the model file first: it is never older than a checkpoint
             _save_model(writer, learner, step)
+            writer.save_checkpoint(step, state)
+
+    if writer is not None and start == cfg.steps:
+        # Finished before. A run of an older version killed between its last checkpoint and
+        # the model file has a model file one checkpoint behind: write the final one again.
+        _save_model(writer, learner, start)
 
     def log_and_evaluate(i: int) -> None:
         if i % cfg.log_freq == 0 or i == cfg.steps:
@@ -407,8 +412,8 @@ class OnlineTrainer:
         due = final or st.step - st.last_ckpt >= cfg.checkpoint_freq
         if run is not None and st.step > 0 and due:
             st.last_ckpt = st.step
+            _save_model(run, self.learner, st.step)  # first: never older than a checkpoint
             run.save_checkpoint(st.step, self.state_dict())
-            _save_model(run, self.learner, st.step)
 
     def _act(self, obs: np.ndarray, t: int) -> np.ndarray:
         if self.state.step > self.seed_steps:
