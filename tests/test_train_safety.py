@@ -171,6 +171,9 @@ def test_a_training_checkpoint_loads_as_a_model_with_its_runs_settings(dataset, 
     assert main(["eval", "--checkpoint", str(step4), "--tasks", "cartpole-balance",
                  "--planner", "policy", "--max-steps", "2", "--quiet", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["checkpoint_sha256"] == info["sha256"]
+    converted = tmp_path / "m.safetensors"
+    assert main(["convert", str(step4), str(converted)]) == 0
+    assert _same(load_world_model(converted)[0].state_dict(), final.state_dict())
 
     alone = tmp_path / "alone" / "step-00000004.pt"
     alone.parent.mkdir()
@@ -183,6 +186,21 @@ def test_a_training_checkpoint_loads_as_a_model_with_its_runs_settings(dataset, 
     shutil.copy(step4, step2)  # another file under step 2's recorded checksum
     assert main(["info", str(step2)]) == 2
     assert "checksum mismatch with step-00000002.json" in _error(capsys)
+
+
+def test_ray_refuses_a_training_checkpoint_with_what_to_do(dataset, tmp_path):
+    """Ray ships the file alone, without the run's config.json: refused before connecting."""
+    pytest.importorskip("ray")
+    from tdmpc_opt.backends import run_rollouts
+    from tdmpc_opt.evaluation import episode_specs
+
+    run = tmp_path / "run"
+    assert _train(dataset, run, "steps=2") == 0
+    step = run / "checkpoints" / "step-00000002.pt"
+    with pytest.raises(ConfigError, match="training checkpoint, which needs its run directory; "
+                       "for the ray backend make it a model file first: tdmpc-opt convert"):
+        run_rollouts(step, PlannerConfig(mpc=False), episode_specs(("cartpole-balance",), 1, 0),
+                     backend="ray")
 
 
 # ------------------------------------------------------ 2. other settings on resume

@@ -458,6 +458,7 @@ def _run_ray(path: str, job: _Job, specs: list[EpisodeSpec], workers: int | None
     from tdmpc_opt.checkpoints import file_sha256
 
     Path(path).stat()  # a missing file fails here, not in a worker
+    _check_self_contained(path)
     started = _connect(ray, address, workers)
     try:
         cpus = workers or int(ray.cluster_resources().get("CPU", 1))
@@ -475,6 +476,17 @@ def _run_ray(path: str, job: _Job, specs: list[EpisodeSpec], workers: int | None
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_self_contained(path: str) -> None:
+    """Ray ships the checkpoint file alone: a training checkpoint, whose model settings are in
+    its run directory's config.json, is refused here with what to do instead."""
+    from tdmpc_opt.checkpoints import read_state_dict
+
+    if read_state_dict(path)[1].get("training_checkpoint"):
+        raise ConfigError(f"{path} is a training checkpoint, which needs its run directory; "
+                          "for the ray backend make it a model file first: tdmpc-opt convert "
+                          f"{path} model.safetensors")
 
 
 def _ray_result(ray, ref, index: int, max_retries: int) -> list[EpisodeResult]:
