@@ -132,6 +132,10 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
     cfg, main = learner.cfg, distributed.is_main()
     writer = run if main else None  # the only rank that writes
     start = _start_offline(learner, sampler, run, resume, config, extra_state)
+    if writer is not None and start == cfg.steps:
+        # Finished before. A run of an older version killed between its last checkpoint and
+        # the model file has a model file one checkpoint behind: write the final one again.
+        _save_model(writer, learner, start)
     metrics: dict[str, float] = {}
     t0, bar = time.perf_counter(), _progress(cfg.steps, start, progress and main, "train")
     done = saved = start  # updates finished; the newest checkpoint's step
@@ -143,11 +147,6 @@ def train_offline(learner: TDMPC2Learner, sampler: SequenceSampler, run: RunDir 
         if writer is not None:  # the model file first: it is never older than a checkpoint
             _save_model(writer, learner, step)
             writer.save_checkpoint(step, state)
-
-    if writer is not None and start == cfg.steps:
-        # Finished before. A run of an older version killed between its last checkpoint and
-        # the model file has a model file one checkpoint behind: write the final one again.
-        _save_model(writer, learner, start)
 
     def log_and_evaluate(i: int) -> None:
         if i % cfg.log_freq == 0 or i == cfg.steps:
