@@ -454,20 +454,22 @@ def _check_reachable(address: str) -> None:
 def _run_ray(path: str, job: _Job, specs: list[EpisodeSpec], workers: int | None,
              address: str | None, max_retries: int, collector: _Collector) -> None:
     """Chunks as Ray tasks; results streamed to ``collector`` as chunks finish."""
-    ray = import_ray()
-    from tdmpc_opt.checkpoints import file_sha256
+    import hashlib
 
+    ray = import_ray()
     Path(path).stat()  # a missing file fails here, not in a worker
     _check_self_contained(path)
     started = _connect(ray, address, workers)
     try:
         cpus = workers or int(ray.cluster_resources().get("CPU", 1))
         chunks = make_chunks(specs, job.batch_size, max(1, cpus // job.threads), job.max_steps)
-        blob = [ray.put(Path(path).read_bytes())]
+        data = Path(path).read_bytes()  # read once: shipped, and its hash names it
+        blob = [ray.put(data)]
         task = ray.remote(_ray_chunk).options(
             num_cpus=job.threads, max_retries=max_retries, retry_exceptions=False,
             num_gpus=1 if job.device.startswith("cuda") else 0)
-        name, sha = Path(path).name, file_sha256(path)
+        name, sha = Path(path).name, hashlib.sha256(data).hexdigest()
+        del data
         pending = {task.remote(blob, name, sha, job, i, chunks[i]): i
                    for i in _longest_first(chunks, job.max_steps)}
         while pending:
