@@ -116,6 +116,30 @@ float load_row(const float* base, const int32_t* acc, const float* cs, float rs,
 
 // 1 / sqrt(variance + eps) of the row in buf (n values), two passes around its mean as
 // PyTorch's LayerNorm computes it.
+// row_rstd with four sums (the float32 kernel's; the int8 kernel keeps row_rstd, the
+// summation order its recorded scores were measured with).
+float row_rstd4(const float* buf, int64_t n, float mean, float eps) {
+  const int64_t V = Vec::size();
+  const Vec m(mean);
+  Vec q0(0.f), q1(0.f), q2(0.f), q3(0.f);
+  int64_t j = 0;
+  for (; j + 4 * V <= n; j += 4 * V) {
+    const Vec d0 = Vec::loadu(buf + j) - m, d1 = Vec::loadu(buf + j + V) - m;
+    const Vec d2 = Vec::loadu(buf + j + 2 * V) - m, d3 = Vec::loadu(buf + j + 3 * V) - m;
+    q0 = at::vec::fmadd(d0, d0, q0);
+    q1 = at::vec::fmadd(d1, d1, q1);
+    q2 = at::vec::fmadd(d2, d2, q2);
+    q3 = at::vec::fmadd(d3, d3, q3);
+  }
+  for (; j + V <= n; j += V) {
+    const Vec d = Vec::loadu(buf + j) - m;
+    q0 = at::vec::fmadd(d, d, q0);
+  }
+  float var = sum_lanes((q0 + q1) + (q2 + q3));
+  for (; j < n; ++j) var += (buf[j] - mean) * (buf[j] - mean);
+  return 1.f / std::sqrt(var / n + eps);
+}
+
 float row_rstd(const float* buf, int64_t n, float mean, float eps) {
   const int64_t V = Vec::size();
   const Vec m(mean);
@@ -351,17 +375,36 @@ at::Tensor ln_mish_f32(const std::optional<at::Tensor>& x, const std::optional<a
       const float* brow = bsp ? bsp + (i / per) * ldb : nullptr;
       const float* arow = ap ? ap + i * na : nullptr;
       const float* row = in_place ? xp + i * ld : o;
-      Vec s(0.f);
-      int64_t j = 0;
-      for (; j + V <= n; j += V) {
-        Vec v = xp ? Vec::loadu(xp + i * ld + j) : Vec(0.f);
+      const float* xrow = xp ? xp + i * ld : nullptr;
+      auto pre = [&](int64_t j) {  // the pre-activation's vector at column j
+        Vec v = xrow ? Vec::loadu(xrow + j) : Vec(0.f);
         if (brow) v = v + Vec::loadu(brow + j);
         for (int64_t k = 0; k < na; ++k)
           v = at::vec::fmadd(Vec(arow[k]), Vec::loadu(wap + k * ldw + j), v);
-        if (!in_place) v.store(o + j);
-        s = s + v;
+        return v;
+      };
+      // four vectors per step into four sums: independent add chains instead of one
+      Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+      int64_t j = 0;
+      for (; j + 4 * V <= n; j += 4 * V) {
+        const Vec v0 = pre(j), v1 = pre(j + V), v2 = pre(j + 2 * V), v3 = pre(j + 3 * V);
+        if (!in_place) {
+          v0.store(o + j);
+          v1.store(o + j + V);
+          v2.store(o + j + 2 * V);
+          v3.store(o + j + 3 * V);
+        }
+        s0 = s0 + v0;
+        s1 = s1 + v1;
+        s2 = s2 + v2;
+        s3 = s3 + v3;
       }
-      float sum = sum_lanes(s);
+      for (; j + V <= n; j += V) {
+        const Vec v = pre(j);
+        if (!in_place) v.store(o + j);
+        s0 = s0 + v;
+      }
+      float sum = sum_lanes((s0 + s1) + (s2 + s3));
       for (; j < n; ++j) {
         float v = xp ? xp[i * ld + j] : 0.f;
         if (brow) v += brow[j];
@@ -369,11 +412,17 @@ at::Tensor ln_mish_f32(const std::optional<at::Tensor>& x, const std::optional<a
         if (!in_place) o[j] = v;
         sum += v;
       }
-      const float mean = sum / n, rstd = row_rstd(row, n, mean, e);
+      const float mean = sum / n, rstd = row_rstd4(row, n, mean, e);
       const Vec mv(mean), r(rstd);
-      for (j = 0; j + V <= n; j += V)
-        mish_vec((Vec::loadu(row + j) - mv) * r * Vec::loadu(wp + j) + Vec::loadu(bp + j))
-            .store(o + j);
+      auto finish = [&](int64_t j) {
+        return mish_vec((Vec::loadu(row + j) - mv) * r * Vec::loadu(wp + j) + Vec::loadu(bp + j));
+      };
+      for (j = 0; j + 2 * V <= n; j += 2 * V) {  // two vectors per step: more independent work
+        const Vec y0 = finish(j), y1 = finish(j + V);
+        y0.store(o + j);
+        y1.store(o + j + V);
+      }
+      for (; j + V <= n; j += V) finish(j).store(o + j);
       for (; j < n; ++j) o[j] = mish((row[j] - mean) * rstd * wp[j] + bp[j]);
     }
   });
