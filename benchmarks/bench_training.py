@@ -15,6 +15,8 @@ private memory; file-backed RSS is page cache that the kernel can drop).
 
     python benchmarks/bench_training.py                      # everything (a few minutes)
     python benchmarks/bench_training.py --sizes 1 --threads 2 --variants fused+bf16 --no-sampling
+    python benchmarks/bench_training.py --device cuda --sizes 1,5,19,48,317 --threads 1 \
+        --variants model,fused,fused+bf16 --no-sampling   # one GPU
 """
 
 from __future__ import annotations
@@ -48,30 +50,39 @@ def parse_variant(variant: str) -> dict:
 
 
 def bench_updates(size: int, threads: int, variants: list[str], batch: int,
-                  repeats: int) -> list[dict]:
+                  repeats: int, device: str = "cpu") -> list[dict]:
     """Time every variant on the same model initialisation and batch, interleaved: round r
-    times update r of each variant in turn, so machine drift hits them all alike."""
+    times update r of each variant in turn, so machine drift hits them all alike. On a GPU
+    every timed update ends with the device's completion."""
     torch.set_num_threads(threads)
     mc = model_config_for(TASK_SETS["mt30"], size)
     g = torch.Generator().manual_seed(0)
-    b = Batch(torch.randn(4, batch, mc.obs_dim, generator=g),
-              torch.rand(3, batch, mc.action_dim, generator=g) * 2 - 1,
-              torch.rand(3, batch, 1, generator=g), torch.zeros(3, batch, 1),
-              torch.randint(0, 30, (batch,), generator=g))
+    b = Batch(*(t.to(device) for t in (
+        torch.randn(4, batch, mc.obs_dim, generator=g),
+        torch.rand(3, batch, mc.action_dim, generator=g) * 2 - 1,
+        torch.rand(3, batch, 1, generator=g), torch.zeros(3, batch, 1),
+        torch.randint(0, 30, (batch,), generator=g))))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def update(v):
+        out = learners[v].update(b)
+        sync()
+        return out
+
     learners, first_s, times, last = {}, {}, {v: [] for v in variants}, {}
     for v in variants:
         torch.manual_seed(0)
-        learners[v] = TDMPC2Learner(WorldModel(mc),
+        learners[v] = TDMPC2Learner(WorldModel(mc).to(device),
                                     TrainConfig(batch_size=batch, **parse_variant(v)))
         t = time.perf_counter()
-        learners[v].update(b)  # includes compilation for +compile
+        update(v)  # includes compilation for +compile
         first_s[v] = time.perf_counter() - t
         for _ in range(2):
-            learners[v].update(b)
+            update(v)
     for _ in range(repeats):
         for v in variants:
             t = time.perf_counter()
-            last[v] = learners[v].update(b)
+            last[v] = update(v)
             times[v].append(time.perf_counter() - t)
     out = []
     for v in variants:
@@ -149,17 +160,20 @@ def main() -> None:
     p.add_argument("--transitions", default="1000000,20000000")
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--tmp", default="/tmp")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for one GPU's update rate")
     args = p.parse_args()
     load = Path("/proc/loadavg").read_text().split()[:3]
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()} "
-          f"torch {torch.__version__}, load average {load}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        platform.processor() or platform.machine()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {where} torch {torch.__version__}, "
+          f"load average {load}")
     print("| size | threads | variant | upd/s (median) | upd/s (best) | ms/update | first update "
           "| losses after 3 + repeats updates: consistency / reward / value |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in map(int, args.sizes.split(",")):
         for threads in map(int, args.threads.split(",")):
             for r in bench_updates(size, threads, args.variants.split(","), args.batch,
-                                   args.repeats):
+                                   args.repeats, args.device):
                 fl = r["last_losses"]
                 print(f"| {size} | {threads} | {r['variant']} | {r['upd_s_median']:.2f} | "
                       f"{r['upd_s_best']:.2f} | {r['ms_median']:.0f} | "
