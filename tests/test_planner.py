@@ -273,8 +273,32 @@ def test_bench_cli_smoke(tiny_cfg, tmp_path, capsys):
     assert all(r["x_floor"] == pytest.approx(r["ms_per_call"] / r["floor_ms"]) for r in rows)
     assert rows[0]["products"] == "native"
     assert rows[2]["products"] in ("native", "int8 kernel", "float32 BLAS")
-    assert rows[2]["agreement"]["action_max"] >= 0 and "vs literal" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert rows[2]["agreement"]["action_max"] >= 0 and "vs literal" in printed.out
+    # each row is reported on stderr as soon as it is measured; the table at the end
+    progress = [line for line in printed.err.splitlines() if line.startswith("bench: ")]
+    assert [line.split(" ms per call")[0].rsplit(": ", 1)[0] for line in progress] == \
+        ["bench: fp32, batch 1", "bench: fp32, batch 2", "bench: int8, batch 1",
+         "bench: int8, batch 2"]
     assert main(["bench", "planner", "--checkpoint", str(ckpt), "--precision", "fp8"]) == 2
+
+
+def test_bench_says_before_a_compiling_precision(tiny_cfg, monkeypatch, capsys):
+    """+compile rows start with minutes of compilation: the bench says so before them."""
+    from tdmpc_opt.agent import Agent
+    from tdmpc_opt.cli import bench
+
+    monkeypatch.setattr(bench, "time_planner", lambda *a: {"median_s": 0.02, "best_s": 0.02,
+                                                            "cpu_s": 0.02, "calls": 3})
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: 100.0)
+    agent = Agent(_model(tiny_cfg), SMALL)
+    rows = bench.bench_rows(agent, [1], ["fp32", "fp32+compile"], 0.0, None, 0)
+    assert [r["precision"] for r in rows] == ["fp32", "fp32+compile"]
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["bench: fp32, batch 1: 20.0 ms per call",
+                   "bench: fp32+compile: the first plan of each batch size compiles first "
+                   "(minutes; inductor caches it on disk for later runs)",
+                   "bench: fp32+compile, batch 1: 20.0 ms per call"]
 
 
 def test_planning_flops_of_the_1m_model():

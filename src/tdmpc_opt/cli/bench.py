@@ -13,6 +13,10 @@ With ``--device cuda`` every plan replays from CUDA graphs (:class:`~tdmpc_opt.p
 GraphPlanner`), every timing waits for the device, and the peak is the GPU's for the same
 product; ``+compile`` is for CPUs and refused there.
 
+The table is printed at the end (every row read against its precision's highest peak); while
+it runs, each row's time goes to stderr as it is measured, and a ``+compile`` precision is
+announced before its first plans compile (minutes each on a 2-core CPU).
+
 Examples:
   tdmpc-opt bench planner --checkpoint ../shared/checkpoints/tdmpc-opt-mt30-1M-fp16.pt
   tdmpc-opt bench planner --checkpoint CKPT --batch 1,16,64 --precision fp32,bf16,int8 \\
@@ -26,6 +30,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -302,9 +307,13 @@ def bench_rows(agent, batches: list[int], precisions: list[str], seconds: float,
         base = prec.split("+")[0]
         if base not in peaks:
             peaks[base] = matmul_peak(base, agent.cfg.mlp_dim, device=agent.device)
+        if prec.endswith("+compile"):
+            _progress(f"{prec}: the first plan of each batch size compiles first (minutes; "
+                      "inductor caches it on disk for later runs)")
         agree = agreement(agent, prec, states) if states and base != "fp32" else None
         for b in batches:
             t = time_planner(agent, b, prec, seconds)
+            _progress(f"{prec}, batch {b}: {1e3 * t['median_s']:.1f} ms per call")
             peaks[base] = max(peaks[base], matmul_peak(base, agent.cfg.mlp_dim,
                                                        device=agent.device))
             per_call = t["median_s"]
@@ -323,6 +332,12 @@ def bench_rows(agent, batches: list[int], precisions: list[str], seconds: float,
         floor = r["batch"] * flops["executed"] / (peak * 1e9)
         r.update(peak_gflops=peak, floor_ms=1e3 * floor, x_floor=r["ms_per_call"] / 1e3 / floor)
     return rows
+
+
+def _progress(line: str) -> None:
+    """A line on stderr while the bench runs (the table comes at the end, read against each
+    precision's highest peak), so a long run shows where it is."""
+    print(f"bench: {line}", file=sys.stderr, flush=True)
 
 
 def print_rows(rows: list[dict], literal_s: float | None) -> None:
