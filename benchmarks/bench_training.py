@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tdmpc_opt.cli.bench import synchronizer
 from tdmpc_opt.config import model_config_for
 from tdmpc_opt.tasks import TASK_SETS
 from tdmpc_opt.training import Batch, TDMPC2Learner, TrainConfig
@@ -62,14 +63,14 @@ def bench_updates(size: int, threads: int, variants: list[str], batch: int,
         torch.rand(3, batch, mc.action_dim, generator=g) * 2 - 1,
         torch.rand(3, batch, 1, generator=g), torch.zeros(3, batch, 1),
         torch.randint(0, 30, (batch,), generator=g))))
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
+    learners, first_s, times, last = {}, {}, {v: [] for v in variants}, {}
 
     def update(v):
         out = learners[v].update(b)
         sync()
         return out
 
-    learners, first_s, times, last = {}, {}, {v: [] for v in variants}, {}
     for v in variants:
         torch.manual_seed(0)
         learners[v] = TDMPC2Learner(WorldModel(mc).to(device),

@@ -313,10 +313,10 @@ def bench_rows(agent, batches: list[int], precisions: list[str], seconds: float,
         agree = agreement(agent, prec, states) if states and base != "fp32" else None
         for b in batches:
             t = time_planner(agent, b, prec, seconds)
-            _progress(f"{prec}, batch {b}: {1e3 * t['median_s']:.1f} ms per call")
+            per_call = t["median_s"]
+            _progress(f"{prec}, batch {b}: {1e3 * per_call:.1f} ms per call")
             peaks[base] = max(peaks[base], matmul_peak(base, agent.cfg.mlp_dim,
                                                        device=agent.device))
-            per_call = t["median_s"]
             rows.append({
                 "batch": b, "precision": prec, "ms_per_call": 1e3 * per_call,
                 "best_ms_per_call": 1e3 * t["best_s"], "env_steps_per_s": b / per_call,

@@ -114,10 +114,8 @@ float load_row(const float* base, const int32_t* acc, const float* cs, float rs,
   return sum;
 }
 
-// 1 / sqrt(variance + eps) of the row in buf (n values), two passes around its mean as
-// PyTorch's LayerNorm computes it.
-// row_rstd with four sums (the float32 kernel's; the int8 kernel keeps row_rstd, the
-// summation order its recorded scores were measured with).
+// row_rstd (below) with four sums: independent add chains (the float32 kernel's; the int8
+// kernel keeps row_rstd, the summation order its recorded scores were measured with).
 float row_rstd4(const float* buf, int64_t n, float mean, float eps) {
   const int64_t V = Vec::size();
   const Vec m(mean);
@@ -140,6 +138,8 @@ float row_rstd4(const float* buf, int64_t n, float mean, float eps) {
   return 1.f / std::sqrt(var / n + eps);
 }
 
+// 1 / sqrt(variance + eps) of the row in buf (n values), two passes around its mean as
+// PyTorch's LayerNorm computes it.
 float row_rstd(const float* buf, int64_t n, float mean, float eps) {
   const int64_t V = Vec::size();
   const Vec m(mean);
@@ -406,7 +406,7 @@ at::Tensor ln_mish_f32(const std::optional<at::Tensor>& x, const std::optional<a
       }
       float sum = sum_lanes((s0 + s1) + (s2 + s3));
       for (; j < n; ++j) {
-        float v = xp ? xp[i * ld + j] : 0.f;
+        float v = xrow ? xrow[j] : 0.f;
         if (brow) v += brow[j];
         for (int64_t k = 0; k < na; ++k) v = std::fma(arow[k], wap[k * ldw + j], v);
         if (!in_place) o[j] = v;
