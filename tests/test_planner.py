@@ -231,9 +231,12 @@ def test_precision_specs():
 def test_compiled_planner_matches_eager(tiny_cfg):
     model = _model(tiny_cfg)
     _, z, task, prev, t0, noise, gamma = _inputs(model, SMALL, [0, 1], [True, False])
-    want, _ = plan(model, SMALL, z, task, prev, t0, True, noise, gamma)
-    got, _ = plan(model, SMALL, z, task, prev, t0, True, noise, gamma, "fp32+compile")
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for eval_mode in (True, False):  # one compiled graph; exploration noise added after it
+        want, want_mean = plan(model, SMALL, z, task, prev, t0, eval_mode, noise, gamma)
+        got, got_mean = plan(model, SMALL, z, task, prev, t0, eval_mode, noise, gamma,
+                             "fp32+compile")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got_mean, want_mean, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------- agent and CLI

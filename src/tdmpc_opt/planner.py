@@ -319,23 +319,27 @@ def plan(model: WorldModel | FastWorldModel, cfg: PlannerConfig, z0: torch.Tenso
         ``(action [B, A], mean [B, H, A])``.
     """
     fm = model if isinstance(model, FastWorldModel) else fast_view(model, precision)
-    # with +compile one graph: per-step constants, all iterations and the pick (1M model,
-    # batch 1, two CPU threads: ~1.5 ms per plan less than two graphs with eager glue)
+    # with +compile one graph for both modes: per-step constants, all iterations and the pick
+    # (1M model, batch 1, two CPU threads: ~1.5 ms per plan less than two graphs with glue)
     run = fm.compiled("plan", _plan) if fm.compile else _plan
     b = z0.shape[0]
     chunk = max(1, CPU_ROWS * torch.get_num_threads() // cfg.num_samples)
     if z0.device.type == "cpu" and b > chunk:  # keep each chunk's activations in cache
         parts = [run(fm, cfg, z0[i:i + chunk], None if task is None else task[i:i + chunk],
-                     prev_mean[i:i + chunk], t0[i:i + chunk], eval_mode, noise[i:i + chunk],
+                     prev_mean[i:i + chunk], t0[i:i + chunk], noise[i:i + chunk],
                      discount[i:i + chunk]) for i in range(0, b, chunk)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return run(fm, cfg, z0, task, prev_mean, t0, eval_mode, noise, discount)
+        action, std0, mean = (torch.cat(x) for x in zip(*parts, strict=True))
+    else:
+        action, std0, mean = run(fm, cfg, z0, task, prev_mean, t0, noise, discount)
+    if not eval_mode:
+        action = action + std0 * noise.explore
+    return action.clamp(-1, 1), mean
 
 
 def _plan(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.Tensor | None,
-          prev_mean: torch.Tensor, t0: torch.Tensor, eval_mode: bool, noise: PlanNoise,
-          discount: torch.Tensor):
-    """:func:`plan` for one chunk of elements."""
+          prev_mean: torch.Tensor, t0: torch.Tensor, noise: PlanNoise, discount: torch.Tensor):
+    """:func:`plan` for one chunk of elements, before exploration noise and clamping:
+    ``(picked elite's first action [B, A], first-step std [B, A], mean [B, H, A])``."""
     b, a_dim, h = z0.shape[0], fm.cfg.action_dim, cfg.horizon
     st = _prepare(fm, cfg, z0, task, noise, discount)
     shifted = F.pad(prev_mean[:, 1:].to(torch.float32), (0, 0, 0, 1))
@@ -344,10 +348,7 @@ def _plan(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.
     mean, std, score, elite_actions = _search(fm, cfg, st, mean, std, noise.sample,
                                               noise.pi_value, noise.q_pick)
     idx = tm.gumbel_argmax(score, noise.gumbel)  # [B]
-    action = elite_actions[torch.arange(b, device=z0.device), 0, idx]
-    if not eval_mode:
-        action = action + std[:, 0] * noise.explore
-    return action.clamp(-1, 1), mean
+    return elite_actions[torch.arange(b, device=z0.device), 0, idx], std[:, 0], mean
 
 
 # ------------------------------------------------------------------------ CUDA graphs
