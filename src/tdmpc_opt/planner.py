@@ -11,8 +11,9 @@ noise, and lets an exported planner replay PyTorch's noise.
 :class:`~tdmpc_opt.fast_model.FastWorldModel` (task parts of first layers precomputed, only the
 picked Q members, optional bf16/int8 products); the start latent's share of the first products
 is computed once per step; the policy trajectories, whose start and actions do not change
-between iterations, are rolled out once, and only their bootstrap value is recomputed per
-iteration. :class:`GraphPlanner` replays it from CUDA graphs on a GPU.
+between iterations, are rolled out once, in the first iteration's products with its sampled
+sequences, and only their bootstrap value is recomputed per iteration. With ``+compile`` a
+whole step is one compiled graph. :class:`GraphPlanner` replays it from CUDA graphs on a GPU.
 """
 
 from __future__ import annotations
@@ -176,18 +177,21 @@ class _StepState:
     """``[H, B, 1]`` discount^k."""
     disc_h: torch.Tensor
     """``[B, 1]`` discount^H, the weight of the bootstrap value."""
+    z0: torch.Tensor
+    """``[B, L]`` the start latent (internal layout)."""
     z_h: torch.Tensor
-    """``[B, N, L]`` latents at the horizon; the policy rows ``[:, :P]`` are filled once."""
+    """``[B, N, L]`` latents at the horizon; the policy rows ``[:, :P]`` are filled by the
+    first iteration."""
     g_pi: torch.Tensor
-    """``[B, P]`` discounted model return of the policy trajectories."""
+    """``[B, P]`` discounted model return of the policy trajectories (first iteration on)."""
     actions: torch.Tensor
-    """``[B, H, N, A]`` action sequences; the policy rows ``[:, :, :P]`` are filled once."""
+    """``[B, H, N, A]`` action sequences; the policy rows ``[:, :, :P]`` are filled by the
+    first iteration."""
 
 
 def _prepare(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.Tensor | None,
-             noise: PlanNoise, discount: torch.Tensor) -> _StepState:
-    """Per-step constants, then the policy trajectories (whose returns and final latents do not
-    change across iterations: same start, same actions)."""
+             discount: torch.Tensor) -> _StepState:
+    """Per-step constants: task rows, masks, first-layer biases, discount weights."""
     b, h, n, p = z0.shape[0], cfg.horizon, cfg.num_samples, cfg.num_pi_trajs
     rows = fm.task_rows(task, b)
     gamma = discount.reshape(b, 1).to(torch.float32)
@@ -199,58 +203,55 @@ def _prepare(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: tor
     bias = torch.stack([fm.dyn1["task"][rows], fm.rew1["task"][rows]])[:, None].repeat(1, h, 1, 1)
     bias[0, 0] += fm.dyn1["z"](z0).float()                 # every sequence starts at z0
     bias[1, 0] += fm.rew1["z"](z0).float()
-    state = _StepState(rows, fm.mask(task), bias, torch.stack(weights), d,
-                       torch.empty(b, n, fm.cfg.latent_dim, dtype=fm.dtype, device=z0.device),
-                       torch.zeros(b, p, device=z0.device),
-                       torch.empty(b, h, n, fm.cfg.action_dim, device=z0.device))
-    if p > 0:
-        _policy_trajectories(fm, state, z0, noise.pi_traj)
-    return state
+    return _StepState(rows, fm.mask(task), bias, torch.stack(weights), d, z0,
+                      torch.empty(b, n, fm.cfg.latent_dim, dtype=fm.dtype, device=z0.device),
+                      torch.zeros(b, p, device=z0.device),
+                      torch.empty(b, h, n, fm.cfg.action_dim, device=z0.device))
 
 
-def _policy_trajectories(fm: FastWorldModel, st: _StepState, z0: torch.Tensor,
-                         eps: torch.Tensor) -> None:
-    """Roll the policy prior out from ``z0 [B, L]`` (internal layout) with noise
-    ``eps [B, H, P, A]``; fills the policy rows of ``st.actions``, ``st.z_h``, ``st.g_pi``."""
-    b, h, p, _ = eps.shape
-    z, logits = z0[:, None].expand(b, p, -1), []
-    for k in range(h):
-        a = fm.policy(z, st.rows, eps[:, k], st.mask)              # [B, P, A]
-        st.actions[:, k, :p] = a
-        pre = fm.first_layers(a, st.bias[:, k], None if k == 0 else z.reshape(b * p, -1))
-        z, r = fm.dyn_rew(pre, b)
-        z = z.view(b, p, -1)
-        logits.append(r)
-    st.z_h[:, :p] = z
-    st.g_pi = (fm.decode(torch.stack(logits)).view(h, b, p) * st.weights).sum(0)
+def _rollout(fm: FastWorldModel, st: _StepState, actions: torch.Tensor,
+             pi_traj: torch.Tensor | None = None):
+    """Latent rollout of sequences ``actions [B, H, R, A]`` from the start latent.
 
-
-def _rollout(fm: FastWorldModel, st: _StepState, actions: torch.Tensor):
-    """Latent rollout of known sequences ``actions [B, H, R, A]`` from the start latent.
-
+    With ``pi_traj [B, H, P, A]`` (the first iteration) the first ``P`` rows are the policy
+    trajectories: their actions are drawn from the policy prior at each step (and written into
+    ``actions``) and rolled out with the others, in the same products.
     Returns ``(z_H [B*R, L], discounted model return [B, R])``.
     """
     b, h, r, _ = actions.shape
+    p = 0 if pi_traj is None else pi_traj.shape[2]
     z, logits = None, []
     for k in range(h):
+        if p > 0:
+            z_pi = st.z0[:, None].expand(b, p, -1) if z is None else z.view(b, r, -1)[:, :p]
+            actions[:, k, :p] = fm.policy(z_pi, st.rows, pi_traj[:, k], st.mask)
         z, rew = fm.dyn_rew(fm.first_layers(actions[:, k], st.bias[:, k], z), b)
         logits.append(rew)
     return z, (fm.decode(torch.stack(logits)).view(h, b, r) * st.weights).sum(0)
 
 
 def _value(fm: FastWorldModel, st: _StepState, sampled: torch.Tensor, pi_noise: torch.Tensor,
-           q_pick: torch.Tensor) -> torch.Tensor:
+           q_pick: torch.Tensor, pi_traj: torch.Tensor | None = None) -> torch.Tensor:
     """Values ``[B, N]`` (policy rows first) of this iteration's sequences.
 
-    ``sampled [B, H, S, A]``, ``pi_noise [B, N, A]``, ``q_pick [B, Q]``.
+    ``sampled [B, H, S, A]``, ``pi_noise [B, N, A]``, ``q_pick [B, Q]``; ``pi_traj [B, H, P,
+    A]`` in the first iteration, which rolls the policy trajectories out with the sampled
+    sequences and keeps their returns and final latents (they do not change: same start, same
+    actions); later iterations roll out the sampled rows only.
     """
     b, _, s, _ = sampled.shape
     p = st.g_pi.shape[1]
-    z_s, g_s = _rollout(fm, st, sampled)
-    st.z_h[:, p:] = z_s.view(b, s, -1)
+    if pi_traj is not None:
+        z, g = _rollout(fm, st, st.actions, pi_traj)
+        st.z_h = z.view(b, p + s, -1)
+        st.g_pi = g[:, :p]
+    else:
+        z_s, g_s = _rollout(fm, st, sampled)
+        st.z_h[:, p:] = z_s.view(b, s, -1)
+        g = torch.cat([st.g_pi, g_s], 1)
     a_last = fm.policy(st.z_h, st.rows, pi_noise, st.mask)
     q = fm.q_average(st.z_h, a_last, st.rows, q_pick)
-    return (torch.cat([st.g_pi, g_s], 1) + st.disc_h * q).nan_to_num(0)
+    return (g + st.disc_h * q).nan_to_num(0)
 
 
 def _gather_elites(value: torch.Tensor, actions: torch.Tensor, k: int):
@@ -279,26 +280,27 @@ def _refit(cfg: PlannerConfig, value: torch.Tensor, actions: torch.Tensor,
 
 def _iteration(fm: FastWorldModel, cfg: PlannerConfig, st: _StepState, mean: torch.Tensor,
                std: torch.Tensor, sample: torch.Tensor, pi_noise: torch.Tensor,
-               q_pick: torch.Tensor):
+               q_pick: torch.Tensor, pi_traj: torch.Tensor | None = None):
     """One MPPI iteration: sample ``[B, H, S, A]`` sequences around ``mean``/``std``
-    ``[B, H, A]``, value them with the policy rows, refit (see :func:`_refit`)."""
+    ``[B, H, A]``, value them with the policy rows, refit (see :func:`_refit`);
+    ``pi_traj``: the first iteration's policy-trajectory noise (see :func:`_value`)."""
     sampled = (mean[:, :, None] + std[:, :, None] * sample).clamp_(-1, 1)
     if st.mask is not None:
         sampled.mul_(st.mask[:, None, None])
     st.actions[:, :, cfg.num_pi_trajs:] = sampled
-    value = _value(fm, st, sampled, pi_noise, q_pick)
+    value = _value(fm, st, sampled, pi_noise, q_pick, pi_traj)
     return _refit(cfg, value, st.actions, st.mask)
 
 
 def _search(fm: FastWorldModel, cfg: PlannerConfig, st: _StepState, mean: torch.Tensor,
-            std: torch.Tensor, sample: torch.Tensor, pi_value: torch.Tensor,
-            q_pick: torch.Tensor):
-    """All MPPI iterations (:func:`_iteration`) from ``mean``/``std`` ``[B, H, A]``, with
-    each iteration's noise ``sample [B, I, H, S, A]``, ``pi_value [B, I, N, A]``,
-    ``q_pick [B, I, Q]``. Returns the last refit."""
+            std: torch.Tensor, noise: PlanNoise):
+    """All MPPI iterations (:func:`_iteration`) from ``mean``/``std`` ``[B, H, A]`` with the
+    step's ``noise``; the first also rolls out the policy trajectories. Returns the last
+    refit."""
     for it in range(cfg.iterations):
-        mean, std, score, elite_actions = _iteration(fm, cfg, st, mean, std, sample[:, it],
-                                                     pi_value[:, it], q_pick[:, it])
+        mean, std, score, elite_actions = _iteration(
+            fm, cfg, st, mean, std, noise.sample[:, it], noise.pi_value[:, it],
+            noise.q_pick[:, it], noise.pi_traj if it == 0 else None)
     return mean, std, score, elite_actions
 
 
@@ -341,12 +343,11 @@ def _plan(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.
     """:func:`plan` for one chunk of elements, before exploration noise and clamping:
     ``(picked elite's first action [B, A], first-step std [B, A], mean [B, H, A])``."""
     b, a_dim, h = z0.shape[0], fm.cfg.action_dim, cfg.horizon
-    st = _prepare(fm, cfg, z0, task, noise, discount)
+    st = _prepare(fm, cfg, z0, task, discount)
     shifted = F.pad(prev_mean[:, 1:].to(torch.float32), (0, 0, 0, 1))
     mean = torch.where(t0.bool().reshape(b, 1, 1), torch.zeros_like(shifted), shifted)
     std = torch.full((b, h, a_dim), cfg.max_std, device=z0.device)
-    mean, std, score, elite_actions = _search(fm, cfg, st, mean, std, noise.sample,
-                                              noise.pi_value, noise.q_pick)
+    mean, std, score, elite_actions = _search(fm, cfg, st, mean, std, noise)
     idx = tm.gumbel_argmax(score, noise.gumbel)  # [B]
     return elite_actions[torch.arange(b, device=z0.device), 0, idx], std[:, 0], mean
 
