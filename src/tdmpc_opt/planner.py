@@ -11,8 +11,9 @@ noise, and lets an exported planner replay PyTorch's noise.
 :class:`~tdmpc_opt.fast_model.FastWorldModel` (task parts of first layers precomputed, only the
 picked Q members, optional bf16/int8 products); the start latent's share of the first products
 is computed once per step; the policy trajectories, whose start and actions do not change
-between iterations, are rolled out once, in the first iteration's products with its sampled
-sequences, and only their bootstrap value is recomputed per iteration. With ``+compile`` a
+between iterations, are rolled out once (in the first iteration's products with its sampled
+sequences, except with int8 reference-row codes), and only their bootstrap value is recomputed
+per iteration. With ``+compile`` a
 whole step is one compiled graph. :class:`GraphPlanner` replays it from CUDA graphs on a GPU.
 """
 
@@ -293,14 +294,14 @@ def _iteration(fm: FastWorldModel, cfg: PlannerConfig, st: _StepState, mean: tor
 
 
 def _search(fm: FastWorldModel, cfg: PlannerConfig, st: _StepState, mean: torch.Tensor,
-            std: torch.Tensor, noise: PlanNoise):
+            std: torch.Tensor, noise: PlanNoise, roll_policy: bool = True):
     """All MPPI iterations (:func:`_iteration`) from ``mean``/``std`` ``[B, H, A]`` with the
-    step's ``noise``; the first also rolls out the policy trajectories. Returns the last
-    refit."""
+    step's ``noise``; with ``roll_policy`` the first also rolls out the policy trajectories
+    (otherwise ``st`` already holds them). Returns the last refit."""
     for it in range(cfg.iterations):
         mean, std, score, elite_actions = _iteration(
             fm, cfg, st, mean, std, noise.sample[:, it], noise.pi_value[:, it],
-            noise.q_pick[:, it], noise.pi_traj if it == 0 else None)
+            noise.q_pick[:, it], noise.pi_traj if it == 0 and roll_policy else None)
     return mean, std, score, elite_actions
 
 
@@ -342,12 +343,19 @@ def _plan(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.
           prev_mean: torch.Tensor, t0: torch.Tensor, noise: PlanNoise, discount: torch.Tensor):
     """:func:`plan` for one chunk of elements, before exploration noise and clamping:
     ``(picked elite's first action [B, A], first-step std [B, A], mean [B, H, A])``."""
-    b, a_dim, h = z0.shape[0], fm.cfg.action_dim, cfg.horizon
+    b, a_dim, h, p = z0.shape[0], fm.cfg.action_dim, cfg.horizon, cfg.num_pi_trajs
     st = _prepare(fm, cfg, z0, task, discount)
+    # int8 reference-row codes take each environment's first row of a product as the
+    # reference for the others: rolling the policy trajectories out alone keeps the references
+    # (and the codes whose scores docs/quantization.md records) as they were measured
+    merged = not fm.ref_codes
+    if p > 0 and not merged:
+        z_pi, st.g_pi = _rollout(fm, st, st.actions[:, :, :p], noise.pi_traj)
+        st.z_h[:, :p] = z_pi.view(b, p, -1)
     shifted = F.pad(prev_mean[:, 1:].to(torch.float32), (0, 0, 0, 1))
     mean = torch.where(t0.bool().reshape(b, 1, 1), torch.zeros_like(shifted), shifted)
     std = torch.full((b, h, a_dim), cfg.max_std, device=z0.device)
-    mean, std, score, elite_actions = _search(fm, cfg, st, mean, std, noise)
+    mean, std, score, elite_actions = _search(fm, cfg, st, mean, std, noise, merged)
     idx = tm.gumbel_argmax(score, noise.gumbel)  # [B]
     return elite_actions[torch.arange(b, device=z0.device), 0, idx], std[:, 0], mean
 
