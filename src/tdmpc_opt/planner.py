@@ -236,9 +236,9 @@ def _value(fm: FastWorldModel, st: _StepState, sampled: torch.Tensor, pi_noise: 
     """Values ``[B, N]`` (policy rows first) of this iteration's sequences.
 
     ``sampled [B, H, S, A]``, ``pi_noise [B, N, A]``, ``q_pick [B, Q]``; ``pi_traj [B, H, P,
-    A]`` in the first iteration, which rolls the policy trajectories out with the sampled
+    A]`` when this (first) iteration rolls the policy trajectories out with the sampled
     sequences and keeps their returns and final latents (they do not change: same start, same
-    actions); later iterations roll out the sampled rows only.
+    actions); otherwise ``st`` holds those and only the sampled rows are rolled out.
     """
     b, _, s, _ = sampled.shape
     p = st.g_pi.shape[1]
