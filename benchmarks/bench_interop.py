@@ -89,10 +89,7 @@ def split_plan(fm, cfg, helper, z0, task, prev_mean, t0, noise, discount):
         prepare = fm.compiled("prepare", P._prepare) if fm.compile else P._prepare
         value = fm.compiled("value_rows", value_rows) if fm.compile else value_rows
         st = prepare(fm, cfg, z0, task, discount)
-        if p > 0:  # the policy trajectories first, alone (the planner rolls them out with
-            # its first iteration's samples; here each half's rows are its own)
-            z_pi, st.g_pi = P._rollout(fm, st, st.actions[:, :, :p], noise.pi_traj)
-            st.z_h[:, :p] = z_pi.view(b, p, -1)
+        P._policy_rollout(fm, st, noise.pi_traj)  # alone: each half's rows are its own
         shifted = F.pad(prev_mean[:, 1:].float(), (0, 0, 0, 1))
         mean = torch.where(t0.reshape(b, 1, 1), torch.zeros_like(shifted), shifted)
         std = torch.full((b, h, fm.cfg.action_dim), cfg.max_std)

@@ -231,6 +231,16 @@ def _rollout(fm: FastWorldModel, st: _StepState, actions: torch.Tensor,
     return z, (fm.decode(torch.stack(logits)).view(h, b, r) * st.weights).sum(0)
 
 
+def _policy_rollout(fm: FastWorldModel, st: _StepState, eps: torch.Tensor) -> None:
+    """Roll the ``P`` policy trajectories out alone (noise ``eps [B, H, P, A]``), filling
+    their rows of ``st.actions`` and ``st.z_h`` and ``st.g_pi``."""
+    b, _, p, _ = eps.shape
+    if p == 0:
+        return
+    z_pi, st.g_pi = _rollout(fm, st, st.actions[:, :, :p], eps)
+    st.z_h[:, :p] = z_pi.view(b, p, -1)
+
+
 def _value(fm: FastWorldModel, st: _StepState, sampled: torch.Tensor, pi_noise: torch.Tensor,
            q_pick: torch.Tensor, pi_traj: torch.Tensor | None = None) -> torch.Tensor:
     """Values ``[B, N]`` (policy rows first) of this iteration's sequences.
@@ -294,14 +304,14 @@ def _iteration(fm: FastWorldModel, cfg: PlannerConfig, st: _StepState, mean: tor
 
 
 def _search(fm: FastWorldModel, cfg: PlannerConfig, st: _StepState, mean: torch.Tensor,
-            std: torch.Tensor, noise: PlanNoise, roll_policy: bool = True):
+            std: torch.Tensor, noise: PlanNoise, pi_traj: torch.Tensor | None):
     """All MPPI iterations (:func:`_iteration`) from ``mean``/``std`` ``[B, H, A]`` with the
-    step's ``noise``; with ``roll_policy`` the first also rolls out the policy trajectories
+    step's ``noise``; given ``pi_traj``, the first also rolls out the policy trajectories
     (otherwise ``st`` already holds them). Returns the last refit."""
     for it in range(cfg.iterations):
         mean, std, score, elite_actions = _iteration(
             fm, cfg, st, mean, std, noise.sample[:, it], noise.pi_value[:, it],
-            noise.q_pick[:, it], noise.pi_traj if it == 0 and roll_policy else None)
+            noise.q_pick[:, it], pi_traj if it == 0 else None)
     return mean, std, score, elite_actions
 
 
@@ -343,19 +353,18 @@ def _plan(fm: FastWorldModel, cfg: PlannerConfig, z0: torch.Tensor, task: torch.
           prev_mean: torch.Tensor, t0: torch.Tensor, noise: PlanNoise, discount: torch.Tensor):
     """:func:`plan` for one chunk of elements, before exploration noise and clamping:
     ``(picked elite's first action [B, A], first-step std [B, A], mean [B, H, A])``."""
-    b, a_dim, h, p = z0.shape[0], fm.cfg.action_dim, cfg.horizon, cfg.num_pi_trajs
+    b, a_dim, h = z0.shape[0], fm.cfg.action_dim, cfg.horizon
     st = _prepare(fm, cfg, z0, task, discount)
     # int8 reference-row codes take each environment's first row of a product as the
     # reference for the others: rolling the policy trajectories out alone keeps the references
     # (and the codes whose scores docs/quantization.md records) as they were measured
-    merged = not fm.ref_codes
-    if p > 0 and not merged:
-        z_pi, st.g_pi = _rollout(fm, st, st.actions[:, :, :p], noise.pi_traj)
-        st.z_h[:, :p] = z_pi.view(b, p, -1)
+    pi_traj = None if fm.ref_codes else noise.pi_traj       # else: with the first iteration
+    if pi_traj is None:
+        _policy_rollout(fm, st, noise.pi_traj)
     shifted = F.pad(prev_mean[:, 1:].to(torch.float32), (0, 0, 0, 1))
     mean = torch.where(t0.bool().reshape(b, 1, 1), torch.zeros_like(shifted), shifted)
     std = torch.full((b, h, a_dim), cfg.max_std, device=z0.device)
-    mean, std, score, elite_actions = _search(fm, cfg, st, mean, std, noise, merged)
+    mean, std, score, elite_actions = _search(fm, cfg, st, mean, std, noise, pi_traj)
     idx = tm.gumbel_argmax(score, noise.gumbel)  # [B]
     return elite_actions[torch.arange(b, device=z0.device), 0, idx], std[:, 0], mean
 
