@@ -262,6 +262,20 @@ def test_bf16_training_warns_without_native_products(monkeypatch, caplog, tiny_c
     assert caplog.text == ""
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_peak_times_the_product_alone(monkeypatch, precision):
+    """The floor's peak is the rate of a bias-free product (the planner's hidden layers), not
+    of ``addmm``, whose bias copy makes it slower and the floor look closer than it is."""
+    from tdmpc_opt.cli import bench
+    from tdmpc_opt.fast_model import Dense
+
+    def with_bias(*_args, **_kw):
+        raise AssertionError("the peak must not time the product with its bias")
+
+    monkeypatch.setattr(Dense, "__call__", with_bias)
+    assert bench.matmul_peak(precision, 64, rows=64, seconds=0) > 0
+
+
 def test_bench_names_the_product_backend(monkeypatch):
     from tdmpc_opt.cli.bench import matmul_peak, product_backend
 

@@ -100,7 +100,10 @@ def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5
     """Measured GFLOP/s (GOP/s for int8) of a ``[rows, dim] @ [dim, dim]`` product on
     ``device``, computed as the planner computes it (natively, or where this CPU has no native
     int8 / bf16 products on this package's int8 kernel or through float32 BLAS:
-    :mod:`tdmpc_opt.products`)."""
+    :mod:`tdmpc_opt.products`). The product alone, without a bias, as the planner's hidden
+    layers multiply (their bias goes in with the LayerNorm): MKL's ``addmm`` copies the bias
+    into the output and accumulates onto it, 6-9% below ``mm``'s rate on a 2-core Xeon, which
+    would make every floor look closer than it is."""
     import torch
 
     from tdmpc_opt.fast_model import Dense
@@ -120,7 +123,7 @@ def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5
         x = torch.randn(rows, dim, generator=g).to(device, dense.bias.dtype)
 
         def f():
-            dense(x)
+            dense.product(x)
             sync()
     return 2 * rows * dim * dim / _best_time(f, seconds) / 1e9
 
