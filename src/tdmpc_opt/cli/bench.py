@@ -102,7 +102,7 @@ def matmul_peak(precision: str, dim: int, rows: int = 3072, seconds: float = 0.5
     int8 / bf16 products on this package's int8 kernel or through float32 BLAS:
     :mod:`tdmpc_opt.products`). The product alone, without a bias, as the planner's hidden
     layers multiply (their bias goes in with the LayerNorm): MKL's ``addmm`` copies the bias
-    into the output and accumulates onto it, 6-9% below ``mm``'s rate on a 2-core Xeon, which
+    into the output and accumulates onto it, 3-9% below ``mm``'s rate on a 2-core Xeon, which
     would make every floor look closer than it is."""
     import torch
 
