@@ -3,9 +3,10 @@
 For every batch size and precision: milliseconds per planning call, environment steps per
 second, the matrix-product FLOPs of one step counted from the architecture (TD-MPC2's
 computation, and what this planner executes), the achieved GFLOP/s, the matrix-product peak
-of that precision measured in the same process, the highest of a measurement before and after
-each row (so the floor time = FLOPs / peak), and the
-speed-up over the literal one-environment planner, also timed in this process. Reduced
+of that precision measured in the same process (a bias-free product, as the planner's hidden
+layers run), the highest of a measurement before and after each row (so the floor time =
+FLOPs / peak), and the speed-up over the literal one-environment planner, also timed in this
+process. Reduced
 precisions are compared with float32 on the same random numbers (action and prediction
 agreement); the score check of a precision needs an evaluation (``tdmpc-opt eval``).
 
