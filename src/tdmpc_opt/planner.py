@@ -13,8 +13,8 @@ picked Q members, optional bf16/int8 products); the start latent's share of the 
 is computed once per step; the policy trajectories, whose start and actions do not change
 between iterations, are rolled out once (in the first iteration's products with its sampled
 sequences, except with int8 reference-row codes), and only their bootstrap value is recomputed
-per iteration. With ``+compile`` a
-whole step is one compiled graph. :class:`GraphPlanner` replays it from CUDA graphs on a GPU.
+per iteration. With ``+compile`` a whole step is one compiled graph. :class:`GraphPlanner`
+replays it from CUDA graphs on a GPU.
 """
 
 from __future__ import annotations

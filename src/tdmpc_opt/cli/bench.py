@@ -6,9 +6,8 @@ computation, and what this planner executes), the achieved GFLOP/s, the matrix-p
 of that precision measured in the same process (a bias-free product, as the planner's hidden
 layers run), the highest of a measurement before and after each row (so the floor time =
 FLOPs / peak), and the speed-up over the literal one-environment planner, also timed in this
-process. Reduced
-precisions are compared with float32 on the same random numbers (action and prediction
-agreement); the score check of a precision needs an evaluation (``tdmpc-opt eval``).
+process. Reduced precisions are compared with float32 on the same random numbers (action and
+prediction agreement); the score check of a precision needs an evaluation (``tdmpc-opt eval``).
 
 With ``--device cuda`` every plan replays from CUDA graphs (:class:`~tdmpc_opt.planner.
 GraphPlanner`), every timing waits for the device, and the peak is the GPU's for the same
