@@ -366,3 +366,93 @@ def test_fp32_view_with_and_without_the_kernel(tiny_cfg):
     act_ref, mean_ref = plan(plain, *args)
     torch.testing.assert_close(act, act_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(mean, mean_ref, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------- float32 whole networks
+def _layer_by_layer(net: cpu_kernels.Network) -> torch.Tensor:
+    """A :class:`cpu_kernels.Network` through separate products (at least 16 rows, as
+    :class:`Dense` pads them) and :func:`cpu_kernels.ln_mish_f32` calls."""
+    def mm(x, w, bias=None):
+        m = x.shape[0]
+        xp = F.pad(x, (0, 0, 0, max(0, 16 - m)))
+        return (xp @ w if bias is None else torch.addmm(bias, xp, w))[:m]
+
+    x = None if net.x is None else mm(net.x, net.w1)
+    h1 = cpu_kernels.ln_mish_f32(x, *net.ln1, base=net.base, a=net.a, wa=net.wa)
+    h2 = cpu_kernels.ln_mish_f32(mm(h1, net.w2), *net.ln2, base=net.b2[None])
+    return mm(h2, net.w3, net.b3)
+
+
+def _network(m: int, k: int, d: int, n3: int, seed: int, latent: bool = True,
+             envs: int = 1) -> cpu_kernels.Network:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.3):
+        return torch.randn(*shape, generator=g) * s
+
+    return cpu_kernels.Network(r(m, k) if latent else None, r(k, d) if latent else None,
+                               r(envs, d), r(m, 3), r(3, d), (1 + r(d), r(d)), r(d, d, s=0.1),
+                               r(d), (1 + r(d), r(d)), r(d, n3, s=0.1), r(n3))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [7, 24, 488])
+def test_whole_networks_equal_layer_by_layer(threads, m):
+    """One or two networks in one call: bitwise the layer-by-layer values, whatever the
+    threads, and a row's result the same when computed alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        envs = 1 if m == 7 else 4  # 7 rows: one environment; else a task bias per 1/4 of rows
+        nets = [_network(m, 20, 48, 20, seed=m, envs=envs),
+                _network(m, 20, 48, 13, seed=m + 1, latent=False, envs=envs)]
+        both = cpu_kernels.mlps_f32(nets)
+        for net, got in zip(nets, both, strict=True):
+            assert got.shape == (m, net.w3.shape[1])
+            assert torch.equal(got, _layer_by_layer(net))
+            assert torch.equal(cpu_kernels.mlps_f32([net])[0], got)
+        first = nets[0]._replace(x=nets[0].x[-1:], base=nets[0].base[-1:], a=nets[0].a[-1:])
+        assert torch.equal(cpu_kernels.mlps_f32([first])[0][0], both[0][-1])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_whole_networks_refuse_bad_input():
+    net = _network(32, 20, 48, 10, seed=0)
+    with pytest.raises(ValueError, match="at least one network"):
+        cpu_kernels.mlps_f32([])
+    bad = [net._replace(w1=None), net._replace(x=net.x.double()),
+           net._replace(w2=net.w2[:, :40]), net._replace(b3=net.b3[:5]),
+           net._replace(ln1=(net.ln1[0][:5], net.ln1[1])), net._replace(base=net.base[:, :8]),
+           net._replace(x=None, w1=None, a=None)]
+    for b in bad:
+        with pytest.raises(RuntimeError, match="mlps_f32"):
+            cpu_kernels.mlps_f32([net, b])
+
+
+@needs_kernel
+@torch.no_grad()
+def test_fp32_whole_networks_plan_as_layer_by_layer(tiny_cfg):
+    """Eager float32 plans through whole networks (the default there) give exactly the
+    layer-by-layer plans; compiled and other precisions refuse them."""
+    model = _model(tiny_cfg)
+    whole, layers = FastWorldModel(model, "fp32"), FastWorldModel(model, "fp32",
+                                                                  whole_networks=False)
+    assert whole.whole_networks and not layers.whole_networks and layers.fused_ln
+    assert not FastWorldModel(model, "fp32+compile").whole_networks
+    task = torch.tensor([0, 1, 2])
+    pcfg = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=2)
+    noise = draw_noise(pcfg, tiny_cfg.action_dim, tiny_cfg.num_q, 3,
+                       [torch.Generator().manual_seed(i) for i in range(3)])
+    z0 = model.encode(torch.randn(3, tiny_cfg.obs_dim), task)
+    args = (pcfg, z0, task, torch.zeros(3, pcfg.horizon, tiny_cfg.action_dim),
+            torch.ones(3, dtype=torch.bool), True, noise, torch.full((3,), 0.99))
+    for got, want in zip(plan(whole, *args), plan(layers, *args), strict=True):
+        assert torch.equal(got, want)
+    for spec in ("fp32+compile", "int8", "bf16"):
+        with pytest.raises(ValueError, match="whole_networks"):
+            FastWorldModel(model, spec, whole_networks=True)
+    with pytest.raises(ValueError, match="whole_networks"):
+        FastWorldModel(model, "fp32", False, whole_networks=True)

@@ -310,7 +310,7 @@ class FastWorldModel:
 
     def __init__(self, model: WorldModel, precision: str = "fp32",
                  fused_kernel: bool | None = None, wide: Iterable[str] = WIDE_DEFAULT,
-                 ref_codes: bool | None = None):
+                 ref_codes: bool | None = None, whole_networks: bool | None = None):
         precision, self.compile = parse_precision(precision)
         wide = frozenset(wide)
         if not wide <= set(NETWORKS):
@@ -333,6 +333,16 @@ class FastWorldModel:
         self.fused_ln = fused_kernel and precision == "fp32"
         """Every LayerNorm + Mish layer through :func:`cpu_kernels.ln_mish_f32` (fp32, CPU):
         one pass per row instead of PyTorch's or inductor's several."""
+        if whole_networks is None:  # eager float32 where the fused kernels run
+            whole_networks = self.fused_ln and not self.compile
+        if whole_networks and not (self.fused_ln and not self.compile):
+            raise ValueError("whole_networks is for eager fp32 plans with the fused CPU kernels")
+        self.whole_networks = whole_networks
+        """fp32 without ``+compile`` (its default there): each network's three layers, and the
+        networks that read the same inputs (dynamics and reward, the picked Q members), in one
+        :func:`cpu_kernels.mlps_f32` call, every thread a block of rows through all of them;
+        the same values as layer by layer, 2-7% faster plans (benchmarks/README.md). Compiled
+        graphs keep the layers as separate operations, which inductor runs faster."""
         if ref_codes is None:  # the default wherever the fused kernel runs
             ref_codes = self.fused_kernel
         if ref_codes and not self.fused_kernel:
@@ -470,6 +480,8 @@ class FastWorldModel:
             zq = None if z is None else self._codes(z, b)
             return tuple(self._parts(first, bias_j, zq, a)
                          for first, bias_j in zip((self.dyn1, self.rew1), bias, strict=True))
+        if self.whole_networks:  # the parts, multiplied and summed by the networks' kernel
+            return (z, bias[0], a), (z, bias[1], a)
         if self.fused_ln:
             return tuple(self._parts_f32(first, bias_j, z, a)
                          for first, bias_j in zip((self.dyn1, self.rew1), bias, strict=True))
@@ -487,9 +499,13 @@ class FastWorldModel:
         ``pre``: first-layer pre-activations ``[M, D]`` of dynamics and reward. Returns the
         next latent ``[M, L]`` and the reward logits ``[M, K]``.
         """
+        dense, norm = self.dyn3
+        if self.whole_networks:  # both networks in one kernel call
+            z, r = self._whole((self.dyn1, self.dyn2, dense, *pre[0]),
+                               (self.rew1, self.rew2, self.rew3, *pre[1]))
+            return self._simnorm(F.layer_norm(z, (self.cfg.latent_dim,), *norm)), r
         g = self._groups(envs)
         h = self._layer(self.dyn2, self._act(pre[0], self.dyn1["ln"], g), "dyn", g)
-        dense, norm = self.dyn3
         z = F.layer_norm(self._out(dense, h, "dyn", g), (self.cfg.latent_dim,), *norm)
         r = self._layer(self.rew2, self._act(pre[1], self.rew1["ln"], g), "rew", g)
         return self._simnorm(z), self._out(self.rew3, r, "rew", g)
@@ -512,6 +528,23 @@ class FastWorldModel:
         W_a)``; :meth:`_ln_mish` takes it."""
         x = None if z is None else first["z"].product(z)[0]
         return x, base, a, None if a is None else first["a"].weight
+
+    @staticmethod
+    def _whole(*nets: tuple) -> list[torch.Tensor]:
+        """Whole networks through :func:`cpu_kernels.mlps_f32` (:attr:`whole_networks`), each
+        given as ``(first, layer2, dense3, z, base, a)``: first layer ``first`` on latents
+        ``z [M, L]`` (None: their part already in ``base``), ``base [B, D]`` task bias per
+        environment and actions ``a [M, A]`` or None; then ``layer2`` (product, LayerNorm
+        affine) and output product ``dense3``. Returns each network's ``[M, out]``."""
+        specs = []
+        for first, (dense2, ln2), dense3, z, base, a in nets:
+            d = dense2.out_dim  # the hidden width (weights are padded to 8 | columns)
+            specs.append(cpu_kernels.Network(
+                z, None if z is None else first["z"].weight[:, :d], base, a,
+                None if a is None else first["a"].weight, first["ln"], dense2.weight[:d, :d],
+                dense2.bias[:d], ln2, dense3.weight, dense3.bias))
+        outs = cpu_kernels.mlps_f32(specs)
+        return [y[:, :net[2].out_dim] for y, net in zip(outs, nets, strict=True)]
 
     def _groups(self, envs: int) -> int:
         """Reference groups of a call on ``envs`` environments (0: plain per-row codes)."""
@@ -581,6 +614,10 @@ class FastWorldModel:
         """
         b, r, _ = z.shape
         first = self.pi1
+        if self.whole_networks:
+            out, = self._whole((first, self.pi2, self.pi3, z.reshape(b * r, -1),
+                                first["task"][task_rows], None))
+            return self._policy_sample(out, eps, mask)
         g = self._groups(b)
         if self.fused_kernel:
             h = self._parts(first, first["task"][task_rows], self._codes(z.reshape(b * r, -1), b),
@@ -591,7 +628,14 @@ class FastWorldModel:
             h = first["z"](z.reshape(b * r, -1))
             h.view(b, r, -1).add_(first["task"][task_rows].to(self.dtype)[:, None])
         h = self._layer(self.pi2, self._act(h, first["ln"], g), "pi", g)
-        mean, raw = self._out(self.pi3, h, "pi", g).float().reshape(b, r, -1).chunk(2, dim=-1)
+        return self._policy_sample(self._out(self.pi3, h, "pi", g), eps, mask)
+
+    def _policy_sample(self, out: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None
+                       ) -> torch.Tensor:
+        """Policy output layer ``[B*R, 2A]`` -> action sample ``[B, R, A]`` (see
+        :meth:`policy`)."""
+        b, r = eps.shape[:2]
+        mean, raw = out.float().reshape(b, r, -1).chunk(2, dim=-1)
         c = self.cfg
         log_std = torch.tanh(raw).add_(1).mul_(0.5 * (c.log_std_max - c.log_std_min)) \
             .add_(c.log_std_min)
@@ -608,6 +652,10 @@ class FastWorldModel:
         g = self._groups(b)
         if self.fused_kernel:  # shared by the members
             zq, af = self._codes(zf, b), af.contiguous()
+        if self.whole_networks:  # the members in one kernel call
+            logits = self._whole(*((self.q1[m], self.q2[m], self.q3[m], zf,
+                                    self.q1[m]["task"][task_rows], af) for m in members))
+            return self.decode(torch.stack(logits, 1)).sum(-1).view(b, r)
         logits = []
         for m in members:
             first = self.q1[m]

@@ -331,12 +331,98 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
   return {q, top};
 }
 
-// float32 LayerNorm + Mish of one layer's pre-activation -> new [M, N], one parallel region,
-// LayerNorm's two passes and the Mish pass per row, the same exp as above. Pre-activation of
-// row i: x[i] (a product without its bias: [M, N], rows contiguous, any row stride) +
-// base[i / (M / G)] (the bias, or a first layer's task bias per environment: [G, >=N]) +
-// a[i] @ wa (a first layer's action inputs [M, A] and weights [A, >=N]); each part optional,
-// x or a required. Only x: read in place; otherwise the row is summed into the output first.
+// float32 LayerNorm + Mish of one row's pre-activation into o[0:n]: LayerNorm's two passes
+// and the Mish pass, the same exp as above. Pre-activation: xrow (a product's row without its
+// bias; may be o itself) + brow (a bias) + arow @ wa (na action inputs, wa [na, >=n] with row
+// stride ldw); each part optional (null / na = 0), xrow or arow required.
+void ln_mish_f32_row(const float* xrow, const float* brow, const float* arow, int64_t na,
+                     const float* wap, int64_t ldw, const float* wp, const float* bp, int64_t n,
+                     float e, float* o) {
+  const int64_t V = Vec::size();
+  const bool in_place = !brow && !na;  // read xrow where it is
+  const float* row = in_place ? xrow : o;
+  auto pre = [&](int64_t j) {  // the pre-activation's vector at column j
+    Vec v = xrow ? Vec::loadu(xrow + j) : Vec(0.f);
+    if (brow) v = v + Vec::loadu(brow + j);
+    for (int64_t k = 0; k < na; ++k)
+      v = at::vec::fmadd(Vec(arow[k]), Vec::loadu(wap + k * ldw + j), v);
+    return v;
+  };
+  // four vectors per step into four sums: independent add chains instead of one
+  Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+  int64_t j = 0;
+  for (; j + 4 * V <= n; j += 4 * V) {
+    const Vec v0 = pre(j), v1 = pre(j + V), v2 = pre(j + 2 * V), v3 = pre(j + 3 * V);
+    if (!in_place) {
+      v0.store(o + j);
+      v1.store(o + j + V);
+      v2.store(o + j + 2 * V);
+      v3.store(o + j + 3 * V);
+    }
+    s0 = s0 + v0;
+    s1 = s1 + v1;
+    s2 = s2 + v2;
+    s3 = s3 + v3;
+  }
+  for (; j + V <= n; j += V) {
+    const Vec v = pre(j);
+    if (!in_place) v.store(o + j);
+    s0 = s0 + v;
+  }
+  float sum = sum_lanes((s0 + s1) + (s2 + s3));
+  for (; j < n; ++j) {
+    float v = xrow ? xrow[j] : 0.f;
+    if (brow) v += brow[j];
+    for (int64_t k = 0; k < na; ++k) v = std::fma(arow[k], wap[k * ldw + j], v);
+    if (!in_place) o[j] = v;
+    sum += v;
+  }
+  const float mean = sum / n, rstd = row_rstd4(row, n, mean, e);
+  const Vec mv(mean), r(rstd);
+  auto finish = [&](int64_t j) {
+    return mish_vec((Vec::loadu(row + j) - mv) * r * Vec::loadu(wp + j) + Vec::loadu(bp + j));
+  };
+  for (j = 0; j + 2 * V <= n; j += 2 * V) {  // two vectors per step: more independent work
+    const Vec y0 = finish(j), y1 = finish(j + V);
+    y0.store(o + j);
+    y1.store(o + j + V);
+  }
+  for (; j + V <= n; j += V) finish(j).store(o + j);
+  for (; j < n; ++j) o[j] = mish((row[j] - mean) * rstd * wp[j] + bp[j]);
+}
+
+// A float32 layer's optional parts (below), checked: base [G, >=n] with G dividing m, and
+// a [m, A] with wa [A, >=n]; contiguous copies kept with their pointers.
+struct F32Parts {
+  at::Tensor basec, ac, wac;
+  const float *bsp = nullptr, *ap = nullptr, *wap = nullptr;
+  int64_t na = 0, ldw = 0, ldb = 0, per = 1;
+};
+
+F32Parts f32_parts(const std::optional<at::Tensor>& base, const std::optional<at::Tensor>& a,
+                   const std::optional<at::Tensor>& wa, int64_t m, int64_t n, const char* op) {
+  F32Parts p;
+  TORCH_CHECK(!a || (a->dim() == 2 && a->size(0) == m && wa && wa->dim() == 2 &&
+                     wa->size(0) == a->size(1) && wa->size(1) >= n),
+              op, ": a must be [M, A] with wa [A, >=N]");
+  p.ap = float_ptr(a, p.ac, 0, "a", op);
+  p.wap = a ? float_ptr(wa, p.wac, 0, "wa", op) : nullptr;
+  p.na = a ? p.ac.size(1) : 0;
+  p.bsp = float_ptr(base, p.basec, 0, "base", op);
+  TORCH_CHECK(!base || (p.basec.dim() == 2 && p.basec.size(1) >= n && p.basec.size(0) > 0 &&
+                        m % p.basec.size(0) == 0),
+              op, ": base must be [G, >=N] with G dividing M");
+  p.ldw = a ? p.wac.stride(0) : 0;
+  p.ldb = base ? p.basec.stride(0) : 0;
+  p.per = base ? m / p.basec.size(0) : 1;
+  return p;
+}
+
+// float32 LayerNorm + Mish of one layer's pre-activation -> new [M, N], one parallel region
+// (ln_mish_f32_row per row). Pre-activation of row i: x[i] (a product without its bias:
+// [M, N], rows contiguous, any row stride) + base[i / (M / G)] (the bias, or a first layer's
+// task bias per environment: [G, >=N]) + a[i] @ wa (a first layer's action inputs [M, A] and
+// weights [A, >=N]); each part optional, x or a required.
 at::Tensor ln_mish_f32(const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& base,
                        const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& wa,
                        const at::Tensor& w, const at::Tensor& b, double eps) {
@@ -347,85 +433,153 @@ at::Tensor ln_mish_f32(const std::optional<at::Tensor>& x, const std::optional<a
   TORCH_CHECK(!x || (x->scalar_type() == at::kFloat && x->dim() == 2 && x->size(1) == n &&
                      x->stride(1) == 1),
               "ln_mish_f32: x must be float32 [M, N] with rows contiguous");
-  at::Tensor wc = w.contiguous(), bc = b.contiguous(), basec, ac, wac;
+  at::Tensor wc = w.contiguous(), bc = b.contiguous();
   const int64_t m = x ? x->size(0) : a->size(0);
-  TORCH_CHECK(!a || (a->dim() == 2 && a->size(0) == m && wa && wa->dim() == 2 &&
-                     wa->size(0) == a->size(1) && wa->size(1) >= n),
-              "ln_mish_f32: a must be [M, A] with wa [A, >=N]");
-  const float* ap = float_ptr(a, ac, 0, "a", "ln_mish_f32");
-  const float* wap = a ? float_ptr(wa, wac, 0, "wa", "ln_mish_f32") : nullptr;
-  const int64_t na = a ? ac.size(1) : 0;
-  const float* bsp = float_ptr(base, basec, 0, "base", "ln_mish_f32");
-  TORCH_CHECK(!base || (basec.dim() == 2 && basec.size(1) >= n && basec.size(0) > 0 &&
-                        m % basec.size(0) == 0),
-              "ln_mish_f32: base must be [G, >=N] with G dividing M");
-  const int64_t ldw = a ? wac.stride(0) : 0, ldb = base ? basec.stride(0) : 0,
-                per = base ? m / basec.size(0) : 1;
+  const F32Parts p = f32_parts(base, a, wa, m, n, "ln_mish_f32");
   auto out = at::empty({m, n}, w.options());
   const float* xp = x ? x->data_ptr<float>() : nullptr;
   const float* wp = wc.data_ptr<float>();
   const float* bp = bc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ld = x ? x->stride(0) : 0, V = Vec::size();
-  const float e = static_cast<float>(eps);
-  const bool in_place = !base && !a;  // read x's rows where they are
+  const int64_t ld = x ? x->stride(0) : 0;
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float* o = op + i * n;
-      const float* brow = bsp ? bsp + (i / per) * ldb : nullptr;
-      const float* arow = ap ? ap + i * na : nullptr;
-      const float* row = in_place ? xp + i * ld : o;
-      const float* xrow = xp ? xp + i * ld : nullptr;
-      auto pre = [&](int64_t j) {  // the pre-activation's vector at column j
-        Vec v = xrow ? Vec::loadu(xrow + j) : Vec(0.f);
-        if (brow) v = v + Vec::loadu(brow + j);
-        for (int64_t k = 0; k < na; ++k)
-          v = at::vec::fmadd(Vec(arow[k]), Vec::loadu(wap + k * ldw + j), v);
-        return v;
-      };
-      // four vectors per step into four sums: independent add chains instead of one
-      Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
-      int64_t j = 0;
-      for (; j + 4 * V <= n; j += 4 * V) {
-        const Vec v0 = pre(j), v1 = pre(j + V), v2 = pre(j + 2 * V), v3 = pre(j + 3 * V);
-        if (!in_place) {
-          v0.store(o + j);
-          v1.store(o + j + V);
-          v2.store(o + j + 2 * V);
-          v3.store(o + j + 3 * V);
-        }
-        s0 = s0 + v0;
-        s1 = s1 + v1;
-        s2 = s2 + v2;
-        s3 = s3 + v3;
-      }
-      for (; j + V <= n; j += V) {
-        const Vec v = pre(j);
-        if (!in_place) v.store(o + j);
-        s0 = s0 + v;
-      }
-      float sum = sum_lanes((s0 + s1) + (s2 + s3));
-      for (; j < n; ++j) {
-        float v = xrow ? xrow[j] : 0.f;
-        if (brow) v += brow[j];
-        for (int64_t k = 0; k < na; ++k) v = std::fma(arow[k], wap[k * ldw + j], v);
-        if (!in_place) o[j] = v;
-        sum += v;
-      }
-      const float mean = sum / n, rstd = row_rstd4(row, n, mean, e);
-      const Vec mv(mean), r(rstd);
-      auto finish = [&](int64_t j) {
-        return mish_vec((Vec::loadu(row + j) - mv) * r * Vec::loadu(wp + j) + Vec::loadu(bp + j));
-      };
-      for (j = 0; j + 2 * V <= n; j += 2 * V) {  // two vectors per step: more independent work
-        const Vec y0 = finish(j), y1 = finish(j + V);
-        y0.store(o + j);
-        y1.store(o + j + V);
-      }
-      for (; j + V <= n; j += V) finish(j).store(o + j);
-      for (; j < n; ++j) o[j] = mish((row[j] - mean) * rstd * wp[j] + bp[j]);
-    }
+    for (int64_t i = begin; i < end; ++i)
+      ln_mish_f32_row(xp ? xp + i * ld : nullptr, p.bsp ? p.bsp + (i / p.per) * p.ldb : nullptr,
+                      p.ap ? p.ap + i * p.na : nullptr, p.na, p.wap, p.ldw, wp, bp, n,
+                      static_cast<float>(eps), op + i * n);
   });
+  return out;
+}
+
+// Whole float32 TD-MPC2 networks (two LayerNorm+Mish layers, then a plain output layer),
+// one or more at once (P networks, e.g. dynamics and reward on the same inputs):
+//   h1 = mish(LN1(x @ w1 + base + a @ wa)), h2 = mish(LN2(h1 @ w2 + b2)), y = h2 @ w3 + b3
+// -> a new [M_p, N3_p] per network, in one parallel region: every thread takes one contiguous
+// block of rows (at least kMinRows) of every network through all three layers, with
+// one-thread BLAS products and the row kernel on the rows its own products just wrote, so the
+// threads never wait for each other (or for the dispatch of the next operation) between
+// layers, nor between networks. x [M, K] float32 rows contiguous, or absent (the first
+// layer's latent part already in base); base [G, >=D], a and wa as for ln_mish_f32; weights
+// [in, out] with rows contiguous: w1 [K, D], w2 [D, D], w3 [D, N3]; b2 [D], b3 [N3],
+// LayerNorm affines [D].
+constexpr int64_t kMinRows = 16;  // BLAS rounds products of fewer rows differently
+
+// out = in @ w (+ bias) on the calling thread; fewer than kMinRows rows go through a
+// zero-padded block of kMinRows rows, so a row's numbers never depend on the block's size.
+void block_product(at::Tensor out, const at::Tensor& in, const at::Tensor& w,
+                   const at::Tensor* bias) {
+  const int64_t rows = in.size(0);
+  if (rows < kMinRows) {
+    at::Tensor padded = at::zeros({kMinRows, in.size(1)}, in.options());
+    padded.slice(0, 0, rows).copy_(in);
+    out.copy_((bias ? at::addmm(*bias, padded, w) : at::mm(padded, w)).slice(0, 0, rows));
+  } else if (bias) {
+    at::addmm_out(out, *bias, in, w);
+  } else {
+    at::mm_out(out, in, w);
+  }
+}
+
+// One network's checked arguments and buffers.
+struct Net {
+  std::optional<at::Tensor> x, w1;
+  at::Tensor ln1_w, ln1_b, w2, b2, ln2_w, ln2_b, w3, b3, h1, h2, out;
+  F32Parts parts;
+  int64_t m = 0, d = 0;
+};
+
+Net check_net(const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& w1,
+              const std::optional<at::Tensor>& base, const std::optional<at::Tensor>& a,
+              const std::optional<at::Tensor>& wa, const at::Tensor& ln1_w,
+              const at::Tensor& ln1_b, const at::Tensor& w2, const at::Tensor& b2,
+              const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& w3,
+              const at::Tensor& b3) {
+  const char* op = "mlps_f32";
+  TORCH_CHECK(x || (a && a->dim() == 2), op, ": needs x or a [M, A]");
+  Net net;
+  net.d = ln1_w.numel();
+  const int64_t d = net.d, n3 = w3.dim() == 2 ? w3.size(1) : 0;
+  net.m = x ? x->size(0) : a->size(0);
+  auto vec = [d](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.dim() == 1 && t.numel() == d && t.is_contiguous();
+  };
+  auto mat = [](const at::Tensor& t, int64_t rows, int64_t cols) {
+    return t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == rows &&
+           (cols < 0 || t.size(1) == cols) && t.stride(1) == 1;
+  };
+  TORCH_CHECK(vec(ln1_w) && vec(ln1_b) && vec(ln2_w) && vec(ln2_b) && vec(b2), op,
+              ": LayerNorm affines and b2 must be float32 [D], contiguous");
+  TORCH_CHECK(mat(w2, d, d) && mat(w3, d, -1) && b3.scalar_type() == at::kFloat &&
+                  b3.dim() == 1 && b3.numel() == n3 && b3.is_contiguous(),
+              op, ": w2 must be float32 [D, D], w3 [D, N3], b3 [N3] (rows contiguous)");
+  TORCH_CHECK(!x == !w1, op, ": x and w1 come together");
+  TORCH_CHECK(!x || (mat(*x, net.m, -1) && mat(*w1, x->size(1), d)),
+              op, ": x must be float32 [M, K] and w1 [K, D] (rows contiguous)");
+  TORCH_CHECK(net.m > 0, op, ": needs rows");
+  net.parts = f32_parts(base, a, wa, net.m, d, op);
+  net.x = x;
+  net.w1 = w1;
+  net.ln1_w = ln1_w, net.ln1_b = ln1_b, net.w2 = w2, net.b2 = b2;
+  net.ln2_w = ln2_w, net.ln2_b = ln2_b, net.w3 = w3, net.b3 = b3;
+  net.h1 = at::empty({net.m, d}, w2.options());
+  net.h2 = at::empty({net.m, d}, w2.options());
+  net.out = at::empty({net.m, n3}, w2.options());
+  return net;
+}
+
+// Rows r0..r1 of one network through its three layers, on the calling thread.
+void run_block(const Net& net, int64_t r0, int64_t r1, float e) {
+  const F32Parts& p = net.parts;
+  const int64_t d = net.d;
+  float *p1 = net.h1.data_ptr<float>(), *p2 = net.h2.data_ptr<float>();
+  const at::Tensor in1 = net.h1.slice(0, r0, r1), in2 = net.h2.slice(0, r0, r1);
+  if (net.x) block_product(in1, net.x->slice(0, r0, r1), *net.w1, nullptr);
+  for (int64_t i = r0; i < r1; ++i)
+    ln_mish_f32_row(net.x ? p1 + i * d : nullptr, p.bsp ? p.bsp + (i / p.per) * p.ldb : nullptr,
+                    p.ap ? p.ap + i * p.na : nullptr, p.na, p.wap, p.ldw,
+                    net.ln1_w.data_ptr<float>(), net.ln1_b.data_ptr<float>(), d, e, p1 + i * d);
+  block_product(in2, in1, net.w2, nullptr);
+  for (int64_t i = r0; i < r1; ++i)
+    ln_mish_f32_row(p2 + i * d, net.b2.data_ptr<float>(), nullptr, 0, nullptr, 0,
+                    net.ln2_w.data_ptr<float>(), net.ln2_b.data_ptr<float>(), d, e, p2 + i * d);
+  block_product(net.out.slice(0, r0, r1), in2, net.w3, &net.b3);
+}
+
+std::vector<at::Tensor> mlps_f32(
+    const std::vector<std::optional<at::Tensor>>& x,
+    const std::vector<std::optional<at::Tensor>>& w1,
+    const std::vector<std::optional<at::Tensor>>& base,
+    const std::vector<std::optional<at::Tensor>>& a,
+    const std::vector<std::optional<at::Tensor>>& wa, at::TensorList ln1_w,
+    at::TensorList ln1_b, at::TensorList w2, at::TensorList b2, at::TensorList ln2_w,
+    at::TensorList ln2_b, at::TensorList w3, at::TensorList b3, double eps) {
+  const size_t nets = x.size();
+  TORCH_CHECK(nets > 0 && w1.size() == nets && base.size() == nets && a.size() == nets &&
+                  wa.size() == nets && ln1_w.size() == nets && ln1_b.size() == nets &&
+                  w2.size() == nets && b2.size() == nets && ln2_w.size() == nets &&
+                  ln2_b.size() == nets && w3.size() == nets && b3.size() == nets,
+              "mlps_f32: every argument list needs one entry per network");
+  std::vector<Net> net;
+  for (size_t k = 0; k < nets; ++k)
+    net.push_back(check_net(x[k], w1[k], base[k], a[k], wa[k], ln1_w[k], ln1_b[k], w2[k], b2[k],
+                            ln2_w[k], ln2_b[k], w3[k], b3[k]));
+  struct Task {
+    size_t net;
+    int64_t r0, r1;
+  };
+  std::vector<Task> tasks;  // thread by thread: its block of every network
+  const int64_t threads = at::get_num_threads();
+  for (int64_t t = 0; t < threads; ++t)
+    for (size_t k = 0; k < nets; ++k) {
+      const int64_t m = net[k].m, blocks = std::max<int64_t>(1, std::min(threads, m / kMinRows));
+      if (t < blocks) tasks.push_back({k, m * t / blocks, m * (t + 1) / blocks});
+    }
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) run_block(net[tasks[t].net], tasks[t].r0, tasks[t].r1, e);
+  });
+  std::vector<at::Tensor> out;
+  for (const Net& n : net) out.push_back(n.out);
   return out;
 }
 
@@ -439,9 +593,13 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
         "int ref_groups=0) -> (Tensor, Tensor)");
   m.def("ln_mish_f32_v2(Tensor? x, Tensor? base, Tensor? a, Tensor? wa, Tensor w, Tensor b, "
         "float eps) -> Tensor");
+  m.def("mlps_f32_v1(Tensor?[] x, Tensor?[] w1, Tensor?[] base, Tensor?[] a, Tensor?[] wa, "
+        "Tensor[] ln1_w, Tensor[] ln1_b, Tensor[] w2, Tensor[] b2, Tensor[] ln2_w, "
+        "Tensor[] ln2_b, Tensor[] w3, Tensor[] b3, float eps) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
   m.impl("ln_mish_int8_v3", &ln_mish_int8);
   m.impl("ln_mish_f32_v2", &ln_mish_f32);
+  m.impl("mlps_f32_v1", &mlps_f32);
 }
