@@ -20,7 +20,9 @@ re-arranges the weights once instead of re-doing work per call:
   wherever it builds; otherwise (or with ``fused_kernel=False``) as PyTorch ops; fp32 on a
   CPU likewise runs each layer's bias (a first layer's task bias and action inputs) and
   LayerNorm + Mish as one kernel after a bias-free product (:func:`cpu_kernels.ln_mish_f32`,
-  its ``exp`` within ~1e-7 of the exact one, so values move by float32 rounding only);
+  its ``exp`` within ~1e-7 of the exact one, so values move by float32 rounding only), and
+  eager plans run each network whole in one call with the same values
+  (:attr:`FastWorldModel.whole_networks`);
 * latents are kept with their SimNorm groups interleaved (feature ``j*G + g`` is element ``j``
   of group ``g``), so SimNorm is a softmax over a middle dimension, which PyTorch vectorises,
   instead of over a last dimension of 8, which it does not. The weights that read or write
