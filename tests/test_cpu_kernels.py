@@ -347,6 +347,18 @@ def test_f32_layer_refuses_bad_parts():
             cpu_kernels.ln_mish_f32(args.pop("x"), w, b, **args)
 
 
+def _three_task_plan_args(model: WorldModel, cfg) -> tuple:
+    """Arguments after the view for :func:`plan`: a small planner, three environments (one per
+    task) at their first step, seeded noise."""
+    task = torch.tensor([0, 1, 2])
+    pcfg = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=2)
+    noise = draw_noise(pcfg, cfg.action_dim, cfg.num_q, 3,
+                       [torch.Generator().manual_seed(i) for i in range(3)])
+    z0 = model.encode(torch.randn(3, cfg.obs_dim), task)
+    return (pcfg, z0, task, torch.zeros(3, pcfg.horizon, cfg.action_dim),
+            torch.ones(3, dtype=torch.bool), True, noise, torch.full((3,), 0.99))
+
+
 @needs_kernel
 @torch.no_grad()
 def test_fp32_view_with_and_without_the_kernel(tiny_cfg):
@@ -355,13 +367,7 @@ def test_fp32_view_with_and_without_the_kernel(tiny_cfg):
     fused, plain = FastWorldModel(model, "fp32"), FastWorldModel(model, "fp32", False)
     assert fused.fused_ln and not plain.fused_ln and not fused.fused_kernel
     _assert_views_predict_alike(model, plain, fused, 1e-5)
-    task = torch.tensor([0, 1, 2])
-    pcfg = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=2)
-    noise = draw_noise(pcfg, tiny_cfg.action_dim, tiny_cfg.num_q, 3,
-                       [torch.Generator().manual_seed(i) for i in range(3)])
-    z0 = model.encode(torch.randn(3, tiny_cfg.obs_dim), task)
-    args = (pcfg, z0, task, torch.zeros(3, pcfg.horizon, tiny_cfg.action_dim),
-            torch.ones(3, dtype=torch.bool), True, noise, torch.full((3,), 0.99))
+    args = _three_task_plan_args(model, tiny_cfg)
     act, mean = plan(fused, *args)
     act_ref, mean_ref = plan(plain, *args)
     torch.testing.assert_close(act, act_ref, atol=1e-5, rtol=0)
@@ -442,13 +448,7 @@ def test_fp32_whole_networks_plan_as_layer_by_layer(tiny_cfg):
                                                                   whole_networks=False)
     assert whole.whole_networks and not layers.whole_networks and layers.fused_ln
     assert not FastWorldModel(model, "fp32+compile").whole_networks
-    task = torch.tensor([0, 1, 2])
-    pcfg = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=2)
-    noise = draw_noise(pcfg, tiny_cfg.action_dim, tiny_cfg.num_q, 3,
-                       [torch.Generator().manual_seed(i) for i in range(3)])
-    z0 = model.encode(torch.randn(3, tiny_cfg.obs_dim), task)
-    args = (pcfg, z0, task, torch.zeros(3, pcfg.horizon, tiny_cfg.action_dim),
-            torch.ones(3, dtype=torch.bool), True, noise, torch.full((3,), 0.99))
+    args = _three_task_plan_args(model, tiny_cfg)
     for got, want in zip(plan(whole, *args), plan(layers, *args), strict=True):
         assert torch.equal(got, want)
     for spec in ("fp32+compile", "int8", "bf16"):
