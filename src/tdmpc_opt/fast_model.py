@@ -657,21 +657,28 @@ class FastWorldModel:
         if self.whole_networks:  # the members in one kernel call
             logits = self._whole(*((self.q1[m], self.q2[m], self.q3[m], zf,
                                     self.q1[m]["task"][task_rows], af) for m in members))
-            return self.decode(torch.stack(logits, 1)).sum(-1).view(b, r)
-        logits = []
-        for m in members:
-            first = self.q1[m]
-            if self.fused_kernel:
-                pre = self._parts(first, first["task"][task_rows], zq, af)
-            elif self.fused_ln:
-                pre = self._parts_f32(first, first["task"][task_rows], zf, af)
-            else:
-                acc = first["a"](af).view(b, r, -1)
-                acc = acc.add_(first["task"][task_rows][:, None]).view(b * r, -1).to(self.dtype)
-                pre = first["z"].accumulate_(acc, zf)
-            h = self._layer(self.q2[m], self._act(pre, first["ln"], g), "q", g)
-            logits.append(self._out(self.q3[m], h, "q", g))
+        else:
+            logits = [self._q_member(m, zf, zq if self.fused_kernel else None, af, task_rows, g)
+                      for m in members]
         return self.decode(torch.stack(logits, 1)).sum(-1).view(b, r)
+
+    def _q_member(self, m: int, zf: torch.Tensor, zq: tuple | None, af: torch.Tensor,
+                  task_rows: torch.Tensor, g: int) -> torch.Tensor:
+        """Q logits ``[B*R, K]`` of member ``m`` layer by layer (``zq``: the latents' int8
+        codes with the fused kernel, shared by the members)."""
+        b = task_rows.shape[0]
+        r = zf.shape[0] // b
+        first = self.q1[m]
+        if self.fused_kernel:
+            pre = self._parts(first, first["task"][task_rows], zq, af)
+        elif self.fused_ln:
+            pre = self._parts_f32(first, first["task"][task_rows], zf, af)
+        else:
+            acc = first["a"](af).view(b, r, -1)
+            acc = acc.add_(first["task"][task_rows][:, None]).view(b * r, -1).to(self.dtype)
+            pre = first["z"].accumulate_(acc, zf)
+        h = self._layer(self.q2[m], self._act(pre, first["ln"], g), "q", g)
+        return self._out(self.q3[m], h, "q", g)
 
     def q_average(self, z: torch.Tensor, a: torch.Tensor, task_rows: torch.Tensor,
                   q_pick: torch.Tensor) -> torch.Tensor:
