@@ -456,3 +456,100 @@ def test_fp32_whole_networks_plan_as_layer_by_layer(tiny_cfg):
             FastWorldModel(model, spec, whole_networks=True)
     with pytest.raises(ValueError, match="whole_networks"):
         FastWorldModel(model, "fp32", False, whole_networks=True)
+
+
+# ------------------------------------------------------------------- two-hot decoding
+def _two_hot_exact(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """TD-MPC2's decoding in float64: symexp of the softmax-weighted mean of the centres."""
+    mean = (torch.softmax(x.double(), -1) * centers.double()).sum(-1)
+    return torch.sign(mean) * torch.expm1(mean.abs())
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,k", [(1, 1), (3, 5), (9, 16), (40, 17), (488, 101)])
+def test_two_hot_decode_equals_softmax_mean_and_is_row_wise(threads, m, k):
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(k)
+    padded = torch.randn(m, k + 3, generator=g) * 4          # a padded product's columns
+    x, centers = padded[:, :k], torch.linspace(-10, 10, k)
+    bias = torch.randn(k, generator=g)
+    for b, logits in ((None, x), (bias, x + bias)):
+        got = cpu_kernels.two_hot_decode(x, centers, b)
+        exact = _two_hot_exact(logits, centers)
+        # symlog space is where the mean is rounded; PyTorch's float32 path is off by ~2e-6
+        err = (torch.sign(got) * torch.log1p(got.abs())).double() - \
+            exact.sign() * exact.abs().log1p()
+        assert err.abs().max() < 5e-6
+        for i in (0, m // 2, m - 1):                            # a row alone, bitwise
+            assert torch.equal(cpu_kernels.two_hot_decode(x[i:i + 1], centers, b), got[i:i + 1])
+
+
+@needs_kernel
+def test_two_hot_decode_nan_where_softmax_is_and_refuses_bad_input():
+    x, centers = torch.randn(5, 101), torch.linspace(-10, 10, 101)
+    x[1, 3], x[2, 100], x[3], x[4, 50] = float("nan"), float("inf"), float("-inf"), -float("inf")
+    got = cpu_kernels.two_hot_decode(x, centers)
+    want = _two_hot_exact(x, centers).float()
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan()[1:4].all()
+    torch.testing.assert_close(got[[0, 4]], want[[0, 4]], rtol=5e-5, atol=0)
+    bad = [(x[0], centers, None), (x.double(), centers, None), (x.t(), torch.zeros(5), None),
+           (x, centers[:100], None), (x, centers.double(), None), (x[:, :0], centers[:0], None),
+           (x, centers, torch.zeros(100)), (x, centers, torch.zeros(101).double())]
+    for logits, c, b in bad:
+        with pytest.raises(RuntimeError, match="two_hot_f32"):
+            cpu_kernels.two_hot_decode(logits, c, b)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_compiled_fp32_view_decodes_with_the_kernel(tiny_cfg):
+    """fp32+compile views decode through the kernel (their reward and Q products without the
+    bias, which the kernel adds); eager fp32 and int8 keep PyTorch's decoding. The values
+    agree to float32 rounding."""
+    model = _model(tiny_cfg)
+    fused, eager = FastWorldModel(model, "fp32+compile"), FastWorldModel(model, "fp32")
+    assert fused.fused_outputs and not eager.fused_outputs
+    assert not FastWorldModel(model, "int8").fused_outputs
+    assert not FastWorldModel(model, "fp32+compile", False).fused_outputs
+    h = (torch.randn(64, tiny_cfg.mlp_dim), None)
+
+    def values(fm):
+        heads, nets = [fm.rew3, fm.q3[1]], ("rew", "q")
+        return fm.decode_outputs([fm._out(d, h, net) for d, net in zip(heads, nets, strict=True)],
+                                 heads)
+
+    got, want = values(fused), values(eager)
+    assert got.shape == want.shape == (2, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- dynamics output layer
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,groups_of,width", [(1, 8, 128), (37, 8, 128), (5, 4, 20), (3, 2, 8)])
+def test_ln_simnorm_equals_layer_norm_then_simnorm(threads, m, groups_of, width):
+    """SimNorm groups in the internal layout: entries ``c, c + L/s, ...`` (a view ``[M, s,
+    L/s]`` normalised over its middle dimension)."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(m + width)
+    padded = torch.randn(m, width + 8, generator=g) * 3
+    x = padded[:, :width]                                     # a padded product's columns
+    bias, w, b = (torch.randn(width, generator=g) for _ in range(3))
+    got = cpu_kernels.ln_simnorm_f32(x, bias, (w, b), groups_of)
+    y = F.layer_norm((x + bias).double(), (width,), w.double(), b.double())
+    want = torch.softmax(y.view(m, groups_of, -1), 1).view(m, width)
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+    for i in (0, m - 1):                                      # a row alone, bitwise
+        assert torch.equal(cpu_kernels.ln_simnorm_f32(x[i:i + 1], bias, (w, b), groups_of),
+                           got[i:i + 1])
+
+
+@needs_kernel
+def test_ln_simnorm_refuses_bad_input():
+    x, v = torch.randn(4, 16), torch.randn(16)
+    bad = [(x.t(), v, 8), (x.double(), v, 8), (x, v[:8], 8), (x, v, 5), (x, v, 0),
+           (x[:, :8], v, 8)]
+    for xx, vv, s in bad:
+        with pytest.raises(RuntimeError, match="ln_simnorm_f32"):
+            cpu_kernels.ln_simnorm_f32(xx, vv, (v, v), s)

@@ -142,6 +142,14 @@ def _register_fake() -> None:
     def _(x, base, a, wa, w, b, eps):
         return w.new_empty(((x if x is not None else a).shape[0], w.shape[0]))
 
+    @torch.library.register_fake("tdmpc_opt_cpu::two_hot_f32_v1")
+    def _(x, bias, centers):
+        return x.new_empty((x.shape[0],))
+
+    @torch.library.register_fake("tdmpc_opt_cpu::ln_simnorm_f32_v1")
+    def _(x, bias, w, b, groups_of, eps):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
 
 def available() -> bool:
     """Whether :func:`ln_mish_int8` can run here (builds the extension on the first call)."""
@@ -175,6 +183,26 @@ def ln_mish_f32(x: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor
     layer's bias and action inputs are added in the same pass instead of three.
     """
     return torch.ops.tdmpc_opt_cpu.ln_mish_f32_v2(x, base, a, wa, weight, bias, eps)
+
+
+def two_hot_decode(outputs: torch.Tensor, centers: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """TD-MPC2's two-hot decoding of a float32 output layer's rows ``[M, K]`` (rows
+    contiguous, any row stride), its bias ``[K]`` (if not already added) and the bin centres
+    ``[K]`` -> ``[M]``: ``symexp`` of the softmax-weighted mean of the centres, one pass per
+    row with ``exp`` to ~1e-7 (PyTorch's softmax and sum to float32 rounding; a row whose
+    maximum is NaN or infinite gives NaN, as there)."""
+    return torch.ops.tdmpc_opt_cpu.two_hot_f32_v1(outputs, bias, centers)
+
+
+def ln_simnorm_f32(x: torch.Tensor, bias: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor],
+                   groups_of: int, eps: float = 1e-5) -> torch.Tensor:
+    """The dynamics' output layer after its bias-free product ``x [M, L]`` (rows contiguous,
+    any row stride): ``SimNorm(LayerNorm(x + bias))`` with the LayerNorm affine ``norm`` and
+    SimNorm groups of ``groups_of`` entries in the planner's internal latent layout (group
+    ``g`` is entries ``g, g + L/s, ...``), one pass per row -> ``[M, L]``; PyTorch's values
+    to float32 rounding."""
+    return torch.ops.tdmpc_opt_cpu.ln_simnorm_f32_v1(x, bias, *norm, groups_of, eps)
 
 
 class Network(NamedTuple):

@@ -345,6 +345,15 @@ class FastWorldModel:
         :func:`cpu_kernels.mlps_f32` call, every thread a block of rows through all of them;
         the same values as layer by layer, 2-7% faster plans (benchmarks/README.md). Compiled
         graphs keep the layers as separate operations, which inductor runs faster."""
+        self.fused_outputs = self.fused_ln and self.compile
+        """fp32+compile on a CPU with the fused kernels: reward and Q outputs decoded by
+        :func:`cpu_kernels.two_hot_decode` and the dynamics' output normalised by
+        :func:`cpu_kernels.ln_simnorm_f32`, one pass per row each, the output layer's bias
+        added there (so its product is a plain ``mm``) instead of inductor's kernels and
+        ``addmm``: the same values to float32 rounding, faster plans (benchmarks/README.md,
+        session 23). Compiled graphs already round differently from eager ones; eager float32
+        keeps PyTorch's ops, whose rounding the published-checkpoint test against the literal
+        planner was set up with."""
         if ref_codes is None:  # the default wherever the fused kernel runs
             ref_codes = self.fused_kernel
         if ref_codes and not self.fused_kernel:
@@ -468,6 +477,16 @@ class FastWorldModel:
         probs = torch.softmax(logits.float(), dim=-1)
         return tm.symexp((probs * self.centers).sum(-1))
 
+    def decode_outputs(self, outputs: list[torch.Tensor], heads: list[Dense], dim: int = 0
+                       ) -> torch.Tensor:
+        """Decoded values of ``n`` two-hot heads' outputs ``[M, K]`` as :meth:`_out` gives
+        them (with :attr:`fused_outputs` still without the bias of the output layer in
+        ``heads``), stacked along ``dim``: ``[n, M]`` or ``[M, n]``."""
+        if self.fused_outputs:
+            return torch.stack([cpu_kernels.two_hot_decode(y, self.centers, d.bias[:d.out_dim])
+                                for y, d in zip(outputs, heads, strict=True)], dim)
+        return self.decode(torch.stack(outputs, dim))
+
     # ------------------------------------------------------------------------ networks
     def first_layers(self, a: torch.Tensor, bias: torch.Tensor,
                      z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,9 +527,14 @@ class FastWorldModel:
             return self._simnorm(F.layer_norm(z, (self.cfg.latent_dim,), *norm)), r
         g = self._groups(envs)
         h = self._layer(self.dyn2, self._act(pre[0], self.dyn1["ln"], g), "dyn", g)
-        z = F.layer_norm(self._out(dense, h, "dyn", g), (self.cfg.latent_dim,), *norm)
+        if self.fused_outputs:
+            z = cpu_kernels.ln_simnorm_f32(dense.product(h[0])[0], dense.bias[:dense.out_dim],
+                                           norm, self.cfg.simnorm_dim)
+        else:
+            z = self._simnorm(F.layer_norm(self._out(dense, h, "dyn", g),
+                                           (self.cfg.latent_dim,), *norm))
         r = self._layer(self.rew2, self._act(pre[1], self.rew1["ln"], g), "rew", g)
-        return self._simnorm(z), self._out(self.rew3, r, "rew", g)
+        return z, self._out(self.rew3, r, "rew", g)
 
     @staticmethod
     def _parts(first: dict, base: torch.Tensor, zq: tuple | None, a: torch.Tensor | None
@@ -592,7 +616,10 @@ class FastWorldModel:
         return quantize_rows_wide(*out) if wide else out
 
     def _out(self, dense: Dense, h: tuple, net: str, groups: int = 0) -> torch.Tensor:
-        """The output product of network ``net`` on its :meth:`_layer` output ``h``."""
+        """The output product of network ``net`` on its :meth:`_layer` output ``h``; with
+        :attr:`fused_outputs` a two-hot head's without its bias (:meth:`decode_outputs`)."""
+        if self.fused_outputs and net in ("rew", "q"):
+            return dense.product(h[0])[0]
         if groups:
             return dense.ref_product(*h, groups)
         return dense.wide(*h) if net in self.wide else dense(*h)
@@ -660,7 +687,7 @@ class FastWorldModel:
         else:
             logits = [self._q_member(m, zf, zq if self.fused_kernel else None, af, task_rows, g)
                       for m in members]
-        return self.decode(torch.stack(logits, 1)).sum(-1).view(b, r)
+        return self.decode_outputs(logits, [self.q3[m] for m in members], 1).sum(-1).view(b, r)
 
     def _q_member(self, m: int, zf: torch.Tensor, zq: tuple | None, af: torch.Tensor,
                   task_rows: torch.Tensor, g: int) -> torch.Tensor:

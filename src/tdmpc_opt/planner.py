@@ -228,7 +228,7 @@ def _rollout(fm: FastWorldModel, st: _StepState, actions: torch.Tensor,
             actions[:, k, :p] = fm.policy(z_pi, st.rows, pi_traj[:, k], st.mask)
         z, rew = fm.dyn_rew(fm.first_layers(actions[:, k], st.bias[:, k], z), b)
         logits.append(rew)
-    return z, (fm.decode(torch.stack(logits)).view(h, b, r) * st.weights).sum(0)
+    return z, (fm.decode_outputs(logits, [fm.rew3] * h).view(h, b, r) * st.weights).sum(0)
 
 
 def _policy_rollout(fm: FastWorldModel, st: _StepState, eps: torch.Tensor) -> None:

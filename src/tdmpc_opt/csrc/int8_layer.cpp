@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -451,6 +452,169 @@ at::Tensor ln_mish_f32(const std::optional<at::Tensor>& x, const std::optional<a
   return out;
 }
 
+// Two-hot decoding (TD-MPC2's discrete regression) of float32 output rows, one pass per row:
+//   out[i] = symexp(T / S), l_j = x[i, j] + b[j], e_j = exp(l_j - max_j l_j), S = sum_j e_j,
+//   T = sum_j e_j c[j]
+// i.e. symexp of the softmax-weighted mean of the bin centres, with mish_exp's exponential
+// (~1e-7 relative) where PyTorch's softmax divides every probability by S first: the same
+// value up to float32 rounding; a row with a NaN or infinite maximum gives NaN, as PyTorch's
+// softmax does. x [M, K] with rows contiguous (any row stride: the first K columns of a
+// padded product, without its bias); b [K] the output layer's bias or null; c [K]; returns a
+// new [M]. R rows at once (independent chains, so one row's reductions overlap the others'
+// passes); out[r] for the rows at x + r * ld.
+template <int R>
+void two_hot_rows(const float* x, int64_t ld, const float* b, const float* c, int64_t k,
+                  float* out) {
+  const int64_t V = Vec::size(), full = k / V * V, rest = k - full;
+  float top[R];
+  for (int r = 0; r < R; ++r) {
+    const float* row = x + r * ld;
+    int64_t j = 0;
+    top[r] = -std::numeric_limits<float>::infinity();
+    auto logit = [&](int64_t j) { return b ? Vec::loadu(row + j) + Vec::loadu(b + j) : Vec::loadu(row + j); };
+    if (full) {
+      Vec m = logit(0);
+      for (j = V; j < full; j += V) m = at::vec::maximum(m, logit(j));
+      top[r] = max_lanes(m);
+    }
+    for (; j < k; ++j) {
+      const float l = b ? row[j] + b[j] : row[j];
+      top[r] = l > top[r] || std::isnan(l) ? l : top[r];
+    }
+  }
+  Vec s[R], t[R], tv[R];
+  for (int r = 0; r < R; ++r) s[r] = t[r] = Vec(0.f), tv[r] = Vec(top[r]);
+  for (int64_t j = 0; j < full; j += V) {
+    const Vec cj = Vec::loadu(c + j), bj = b ? Vec::loadu(b + j) : Vec(0.f);
+    for (int r = 0; r < R; ++r) {
+      const Vec e = mish_exp(Vec::loadu(x + r * ld + j) + bj - tv[r]);
+      s[r] = s[r] + e;
+      t[r] = at::vec::fmadd(e, cj, t[r]);
+    }
+  }
+  if (rest) {  // the last partial vector: lanes past k load as 0 and are masked out of e
+    const Vec keep = Vec::set(Vec(0.f), Vec(1.f), rest), cj = Vec::loadu(c + full, rest);
+    const Vec bj = b ? Vec::loadu(b + full, rest) : Vec(0.f);
+    for (int r = 0; r < R; ++r) {
+      const Vec e = mish_exp(Vec::loadu(x + r * ld + full, rest) + bj - tv[r]) * keep;
+      s[r] = s[r] + e;
+      t[r] = at::vec::fmadd(e, cj, t[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r)  // the mean; symexp follows in symexp_ (vectorised)
+    out[r] = std::isfinite(top[r]) ? sum_lanes(t[r]) / sum_lanes(s[r])
+                                   : std::numeric_limits<float>::quiet_NaN();  // as softmax's
+}
+
+// v = sign(v) * (exp(|v|) - 1) for n values in place (NaN stays NaN).
+void symexp_(float* v, int64_t n) {
+  const int64_t V = Vec::size();
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    const Vec x = Vec::loadu(v + j), e = x.abs().expm1();
+    Vec::blendv(e, Vec(0.f) - e, x < Vec(0.f)).store(v + j);
+  }
+  for (; j < n; ++j) v[j] = std::copysign(std::expm1(std::abs(v[j])), v[j]);
+}
+
+at::Tensor two_hot_f32(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& centers) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "two_hot_f32: logits must be float32 [M, K] with rows contiguous");
+  TORCH_CHECK(centers.scalar_type() == at::kFloat && centers.dim() == 1 &&
+                  centers.size(0) == x.size(1) && x.size(1) > 0,
+              "two_hot_f32: centers must be float32 [K] for logits [M, K], K > 0");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                        bias->size(0) == x.size(1)),
+              "two_hot_f32: bias must be float32 [K] for logits [M, K]");
+  const at::Tensor cc = centers.contiguous(), bc = bias ? bias->contiguous() : at::Tensor();
+  const int64_t m = x.size(0), k = x.size(1), ld = x.stride(0);
+  auto out = at::empty({m}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* bp = bias ? bc.data_ptr<float>() : nullptr;
+  const float* cp = cc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + 4 <= end; i += 4) two_hot_rows<4>(xp + i * ld, ld, bp, cp, k, op + i);
+    for (; i < end; ++i) two_hot_rows<1>(xp + i * ld, ld, bp, cp, k, op + i);
+    symexp_(op + begin, end - begin);
+  });
+  return out;
+}
+
+// The dynamics' output layer after its bias-free product, one pass per row:
+//   y = LayerNorm(x + bias) * w + b, then SimNorm: softmax over each group of s entries
+// in the planner's internal latent layout, where group g is the entries g, g + L/s, ...,
+// g + (s-1) L/s (the model's latent permuted so that a vector holds one entry of L/s groups):
+// out[k * L/s + g] = exp(y_kg - max_k y_kg) / sum_k exp(y_kg - max_k y_kg). The exponential is
+// mish_exp's (~1e-7 relative; its clamp at -80 drops terms below 1e-34 of the group's largest).
+// x [M, L] with rows contiguous (any row stride); bias, w, b [L]; returns a new [M, L].
+void ln_simnorm_row(const float* x, const float* bias, const float* w, const float* b,
+                    int64_t n, int64_t s, float eps, float* o) {
+  const int64_t V = Vec::size(), g = n / s;
+  int64_t j = 0;
+  Vec acc(0.f);
+  for (; j + V <= n; j += V) {
+    const Vec v = Vec::loadu(x + j) + Vec::loadu(bias + j);
+    v.store(o + j);
+    acc = acc + v;
+  }
+  float sum = sum_lanes(acc);
+  for (; j < n; ++j) {
+    o[j] = x[j] + bias[j];
+    sum += o[j];
+  }
+  const float mean = sum / n, rstd = row_rstd4(o, n, mean, eps);
+  const Vec mv(mean), r(rstd);
+  for (j = 0; j + V <= n; j += V)
+    ((Vec::loadu(o + j) - mv) * r * Vec::loadu(w + j) + Vec::loadu(b + j)).store(o + j);
+  for (; j < n; ++j) o[j] = (o[j] - mean) * rstd * w[j] + b[j];
+  int64_t c = 0;
+  for (; c + V <= g; c += V) {  // V groups at once: their s entries are s vectors
+    Vec top = Vec::loadu(o + c), tot(0.f);
+    for (int64_t k = 1; k < s; ++k) top = at::vec::maximum(top, Vec::loadu(o + k * g + c));
+    for (int64_t k = 0; k < s; ++k) {
+      const Vec e = mish_exp(Vec::loadu(o + k * g + c) - top);
+      e.store(o + k * g + c);
+      tot = tot + e;
+    }
+    const Vec inv = Vec(1.f) / tot;  // one division for the s entries
+    for (int64_t k = 0; k < s; ++k) (Vec::loadu(o + k * g + c) * inv).store(o + k * g + c);
+  }
+  for (; c < g; ++c) {  // the rest one group at a time
+    float top = o[c], tot = 0.f;
+    for (int64_t k = 1; k < s; ++k) top = std::max(top, o[k * g + c]);
+    for (int64_t k = 0; k < s; ++k) tot += o[k * g + c] = std::exp(o[k * g + c] - top);
+    for (int64_t k = 0; k < s; ++k) o[k * g + c] /= tot;
+  }
+}
+
+at::Tensor ln_simnorm_f32(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& w,
+                          const at::Tensor& b, int64_t groups_of, double eps) {
+  const int64_t n = w.numel();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == n &&
+                  x.stride(1) == 1,
+              "ln_simnorm_f32: x must be float32 [M, L] with rows contiguous, L = w's size");
+  for (const at::Tensor* t : {&bias, &w, &b})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == n,
+                "ln_simnorm_f32: bias, w and b must be float32 [L]");
+  TORCH_CHECK(groups_of > 0 && n % groups_of == 0,
+              "ln_simnorm_f32: the SimNorm group size must divide L");
+  const at::Tensor bc = bias.contiguous(), wc = w.contiguous(), bb = b.contiguous();
+  const int64_t m = x.size(0), ld = x.stride(0);
+  auto out = at::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float *biasp = bc.data_ptr<float>(), *wp = wc.data_ptr<float>(), *bp = bb.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      ln_simnorm_row(xp + i * ld, biasp, wp, bp, n, groups_of, static_cast<float>(eps),
+                     op + i * n);
+  });
+  return out;
+}
+
 // Whole float32 TD-MPC2 networks (two LayerNorm+Mish layers, then a plain output layer),
 // one or more at once (P networks, e.g. dynamics and reward on the same inputs):
 //   h1 = mish(LN1(x @ w1 + base + a @ wa)), h2 = mish(LN2(h1 @ w2 + b2)), y = h2 @ w3 + b3
@@ -596,10 +760,14 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
   m.def("mlps_f32_v1(Tensor?[] x, Tensor?[] w1, Tensor?[] base, Tensor?[] a, Tensor?[] wa, "
         "Tensor[] ln1_w, Tensor[] ln1_b, Tensor[] w2, Tensor[] b2, Tensor[] ln2_w, "
         "Tensor[] ln2_b, Tensor[] w3, Tensor[] b3, float eps) -> Tensor[]");
+  m.def("two_hot_f32_v1(Tensor x, Tensor? bias, Tensor centers) -> Tensor");
+  m.def("ln_simnorm_f32_v1(Tensor x, Tensor bias, Tensor w, Tensor b, int groups_of, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
   m.impl("ln_mish_int8_v3", &ln_mish_int8);
   m.impl("ln_mish_f32_v2", &ln_mish_f32);
   m.impl("mlps_f32_v1", &mlps_f32);
+  m.impl("two_hot_f32_v1", &two_hot_f32);
+  m.impl("ln_simnorm_f32_v1", &ln_simnorm_f32);
 }
