@@ -518,7 +518,8 @@ class FastWorldModel:
         """Dynamics and reward after their first products.
 
         ``pre``: first-layer pre-activations ``[M, D]`` of dynamics and reward. Returns the
-        next latent ``[M, L]`` and the reward logits ``[M, K]``.
+        next latent ``[M, L]`` and the reward head's output ``[M, K]``
+        (logits; see :meth:`_out`, :meth:`decode_outputs`).
         """
         dense, norm = self.dyn3
         if self.whole_networks:  # both networks in one kernel call
