@@ -1,5 +1,6 @@
 """The fused int8 CPU kernel against the PyTorch ops it replaces."""
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -512,6 +513,8 @@ def test_compiled_fp32_view_decodes_with_the_kernel(tiny_cfg):
     assert fused.fused_outputs and not eager.fused_outputs
     assert not FastWorldModel(model, "int8").fused_outputs
     assert not FastWorldModel(model, "fp32+compile", False).fused_outputs
+    regression = FastWorldModel(_model(dataclasses.replace(tiny_cfg, num_bins=1)), "fp32+compile")
+    assert regression.fused_outputs and not regression.fused_decode  # one-value heads
     h = (torch.randn(64, tiny_cfg.mlp_dim), None)
 
     def values(fm):

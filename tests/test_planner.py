@@ -1,5 +1,7 @@
 """Fast planning: the batched planner against the literal one, exact Mish, precisions, graphs."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,23 @@ def test_single_task_five_q_equals_literal(tiny_single_cfg, eval_mode):
 @pytest.mark.parametrize("eval_mode", [True, False])
 def test_multitask_equals_literal(tiny_cfg, eval_mode):
     _assert_equals_literal(_model(tiny_cfg), SMALL, [0, 1, 2], [False, True, False], eval_mode)
+
+
+@pytest.mark.parametrize("num_bins", [0, 1])
+def test_regression_heads_equal_literal(tiny_single_cfg, num_bins):
+    """Models whose reward and Q heads regress one value (``num_bins`` 0: the value itself,
+    1: its symlog) plan as the literal planner does, whole networks and layer by layer."""
+    model = _model(dataclasses.replace(tiny_single_cfg, num_bins=num_bins))
+    logits = torch.randn(5, 1)
+    torch.testing.assert_close(FastWorldModel(model).decode(logits),
+                               model.decode(logits).squeeze(-1))
+    _assert_equals_literal(model, SMALL, [None] * 3, [True, False, False], True)
+    layered = FastWorldModel(model, whole_networks=False) if FastWorldModel(model).whole_networks \
+        else FastWorldModel(model)
+    _, z, task, prev, t0, noise, gamma = _inputs(model, SMALL, [None] * 3, [True, False, False])
+    torch.testing.assert_close(plan(layered, SMALL, z, task, prev, t0, True, noise, gamma),
+                               plan(model, SMALL, z, task, prev, t0, True, noise, gamma),
+                               atol=1e-6, rtol=0)
 
 
 def test_one_policy_trajectory_one_iteration_short_horizon(tiny_cfg):
@@ -228,8 +247,10 @@ def test_precision_specs():
 
 
 @pytest.mark.slow
-def test_compiled_planner_matches_eager(tiny_cfg):
-    model = _model(tiny_cfg)
+@pytest.mark.parametrize("num_bins", [None, 1])  # None: the default two-hot heads
+def test_compiled_planner_matches_eager(tiny_cfg, num_bins):
+    model = _model(tiny_cfg if num_bins is None else
+                   dataclasses.replace(tiny_cfg, num_bins=num_bins))
     _, z, task, prev, t0, noise, gamma = _inputs(model, SMALL, [0, 1], [True, False])
     for eval_mode in (True, False):  # one compiled graph; exploration noise added after it
         want, want_mean = plan(model, SMALL, z, task, prev, t0, eval_mode, noise, gamma)

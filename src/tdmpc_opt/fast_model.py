@@ -354,6 +354,9 @@ class FastWorldModel:
         session 23). Compiled graphs already round differently from eager ones; eager float32
         keeps PyTorch's ops, whose rounding the published-checkpoint test against the literal
         planner was set up with."""
+        self.fused_decode = self.fused_outputs and model.cfg.num_bins > 1
+        """:attr:`fused_outputs` for the two-hot heads (not for regression heads: ``num_bins``
+        0 or 1)."""
         if ref_codes is None:  # the default wherever the fused kernel runs
             ref_codes = self.fused_kernel
         if ref_codes and not self.fused_kernel:
@@ -473,16 +476,21 @@ class FastWorldModel:
         return z[..., self.perm].to(self.dtype)
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
-        """Two-hot logits ``[..., K]`` -> float32 scalars ``[...]``."""
+        """Two-hot logits ``[..., K]`` -> float32 scalars ``[...]`` (as
+        :func:`tdmpc_opt.math.two_hot_inv`: with ``num_bins`` 0 the head's one output itself,
+        with 1 its ``symexp``)."""
+        if self.cfg.num_bins <= 1:
+            value = logits[..., 0].float()
+            return tm.symexp(value) if self.cfg.num_bins == 1 else value
         probs = torch.softmax(logits.float(), dim=-1)
         return tm.symexp((probs * self.centers).sum(-1))
 
     def decode_outputs(self, outputs: list[torch.Tensor], heads: list[Dense], dim: int = 0
                        ) -> torch.Tensor:
         """Decoded values of ``n`` two-hot heads' outputs ``[M, K]`` as :meth:`_out` gives
-        them (with :attr:`fused_outputs` still without the bias of the output layer in
+        them (with :attr:`fused_decode` still without the bias of the output layer in
         ``heads``), stacked along ``dim``: ``[n, M]`` or ``[M, n]``."""
-        if self.fused_outputs:
+        if self.fused_decode:
             return torch.stack([cpu_kernels.two_hot_decode(y, self.centers, d.bias[:d.out_dim])
                                 for y, d in zip(outputs, heads, strict=True)], dim)
         return self.decode(torch.stack(outputs, dim))
@@ -618,8 +626,8 @@ class FastWorldModel:
 
     def _out(self, dense: Dense, h: tuple, net: str, groups: int = 0) -> torch.Tensor:
         """The output product of network ``net`` on its :meth:`_layer` output ``h``; with
-        :attr:`fused_outputs` a two-hot head's without its bias (:meth:`decode_outputs`)."""
-        if self.fused_outputs and net in ("rew", "q"):
+        :attr:`fused_decode` a two-hot head's without its bias (:meth:`decode_outputs`)."""
+        if self.fused_decode and net in ("rew", "q"):
             return dense.product(h[0])[0]
         if groups:
             return dense.ref_product(*h, groups)
