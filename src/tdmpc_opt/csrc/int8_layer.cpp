@@ -471,7 +471,9 @@ void two_hot_rows(const float* x, int64_t ld, const float* b, const float* c, in
     const float* row = x + r * ld;
     int64_t j = 0;
     top[r] = -std::numeric_limits<float>::infinity();
-    auto logit = [&](int64_t j) { return b ? Vec::loadu(row + j) + Vec::loadu(b + j) : Vec::loadu(row + j); };
+    auto logit = [&](int64_t j) {
+      return b ? Vec::loadu(row + j) + Vec::loadu(b + j) : Vec::loadu(row + j);
+    };
     if (full) {
       Vec m = logit(0);
       for (j = V; j < full; j += V) m = at::vec::maximum(m, logit(j));
@@ -605,7 +607,8 @@ at::Tensor ln_simnorm_f32(const at::Tensor& x, const at::Tensor& bias, const at:
   const int64_t m = x.size(0), ld = x.stride(0);
   auto out = at::empty({m, n}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float *biasp = bc.data_ptr<float>(), *wp = wc.data_ptr<float>(), *bp = bb.data_ptr<float>();
+  const float *biasp = bc.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  const float* bp = bb.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
@@ -761,7 +764,8 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
         "Tensor[] ln1_w, Tensor[] ln1_b, Tensor[] w2, Tensor[] b2, Tensor[] ln2_w, "
         "Tensor[] ln2_b, Tensor[] w3, Tensor[] b3, float eps) -> Tensor[]");
   m.def("two_hot_f32_v1(Tensor x, Tensor? bias, Tensor centers) -> Tensor");
-  m.def("ln_simnorm_f32_v1(Tensor x, Tensor bias, Tensor w, Tensor b, int groups_of, float eps) -> Tensor");
+  m.def("ln_simnorm_f32_v1(Tensor x, Tensor bias, Tensor w, Tensor b, int groups_of, "
+        "float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
