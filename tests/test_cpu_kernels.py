@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tdmpc_opt import cpu_kernels
+from tdmpc_opt import math as tm
 from tdmpc_opt.config import PlannerConfig
 from tdmpc_opt.fast_model import (
     WIDE_PLANE,
@@ -462,8 +463,7 @@ def test_fp32_whole_networks_plan_as_layer_by_layer(tiny_cfg):
 # ------------------------------------------------------------------- two-hot decoding
 def _two_hot_exact(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """TD-MPC2's decoding in float64: symexp of the softmax-weighted mean of the centres."""
-    mean = (torch.softmax(x.double(), -1) * centers.double()).sum(-1)
-    return torch.sign(mean) * torch.expm1(mean.abs())
+    return tm.symexp((torch.softmax(x.double(), -1) * centers.double()).sum(-1))
 
 
 @needs_kernel

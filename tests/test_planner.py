@@ -99,8 +99,7 @@ def test_regression_heads_equal_literal(tiny_single_cfg, num_bins):
     torch.testing.assert_close(FastWorldModel(model).decode(logits),
                                model.decode(logits).squeeze(-1))
     _assert_equals_literal(model, SMALL, [None] * 3, [True, False, False], True)
-    layered = FastWorldModel(model, whole_networks=False) if FastWorldModel(model).whole_networks \
-        else FastWorldModel(model)
+    layered = FastWorldModel(model, whole_networks=False)
     _, z, task, prev, t0, noise, gamma = _inputs(model, SMALL, [None] * 3, [True, False, False])
     torch.testing.assert_close(plan(layered, SMALL, z, task, prev, t0, True, noise, gamma),
                                plan(model, SMALL, z, task, prev, t0, True, noise, gamma),

@@ -479,9 +479,9 @@ class FastWorldModel:
         """Two-hot logits ``[..., K]`` -> float32 scalars ``[...]`` (as
         :func:`tdmpc_opt.math.two_hot_inv`: with ``num_bins`` 0 the head's one output itself,
         with 1 its ``symexp``)."""
-        if self.cfg.num_bins <= 1:
-            value = logits[..., 0].float()
-            return tm.symexp(value) if self.cfg.num_bins == 1 else value
+        c = self.cfg
+        if c.num_bins <= 1:  # one-value heads: no bins to weigh
+            return tm.two_hot_inv(logits.float(), c.num_bins, c.vmin, c.vmax)[..., 0]
         probs = torch.softmax(logits.float(), dim=-1)
         return tm.symexp((probs * self.centers).sum(-1))
 
