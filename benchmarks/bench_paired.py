@@ -34,7 +34,7 @@ from tdmpc_opt.planner import plan
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / \
     "tdmpc-opt-mt30-1M-fp16.pt"
-CONSTRUCTOR_FLAGS = ("fused_kernel", "whole_networks", "ref_codes")
+CONSTRUCTOR_FLAGS = ("fused_kernel", "whole_networks", "ref_codes", "packed_networks")
 
 
 def build_view(model, variant: str) -> FastWorldModel:

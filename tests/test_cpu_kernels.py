@@ -440,22 +440,100 @@ def test_whole_networks_refuse_bad_input():
             cpu_kernels.mlps_f32([net, b])
 
 
+needs_packed = pytest.mark.skipif(not cpu_kernels.mlp_pair_available(),
+                                  reason="packed float32 networks: built for AVX-512 CPUs only")
+
+
+def _packed(net: cpu_kernels.Network) -> torch.Tensor:
+    return cpu_kernels.network_params(net.w1, net.wa, net.ln1, net.w2, net.b2, net.ln2, net.w3,
+                                      net.b3)
+
+
+@needs_packed
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [1, 7, 25, 488])
+@pytest.mark.parametrize("d", [48, 80])  # panels 48 wide; 64 + 16
+def test_packed_networks_equal_blas_networks(threads, m, d):
+    """Two networks on shared inputs (and one alone, and without latents) through the packed
+    products: BLAS's whole-network values to float32 rounding (output widths 1-101, so every
+    panel width), whatever the threads; a row's numbers the same computed alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        envs = 1 if m < 25 else (5 if m == 25 else 4)
+        dyn = _network(m, 20, d, 101, seed=m + d, envs=envs)
+        rew = _network(m, 20, d, 33, seed=m + d + 1, envs=envs)._replace(x=dyn.x, a=dyn.a)
+        pi = _network(m, 20, d, 1, seed=m + d + 2, envs=envs)._replace(a=None, wa=None)
+        for nets in ([dyn, rew], [pi], [dyn._replace(x=None), rew._replace(x=None)]):
+            # the parameters hold the latent weights also where a call has no latents
+            params = [_packed(n._replace(w1=n.w1 if n.w1 is not None else dyn.w1))
+                      for n in nets]
+            got = cpu_kernels.mlp_pair_f32(nets[0].x, nets[0].a,
+                                           [(n.base, p, n.w3.shape[1])
+                                            for n, p in zip(nets, params, strict=True)], d)
+            want = cpu_kernels.mlps_f32([n if n.x is not None else n._replace(w1=None)
+                                         for n in nets])
+            for g, w in zip(got, want, strict=True):
+                assert g.shape == w.shape and g.stride(1) == 1
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            last = [(n.base[-1:], p, n.w3.shape[1]) for n, p in zip(nets, params, strict=True)]
+            alone = cpu_kernels.mlp_pair_f32(
+                None if nets[0].x is None else nets[0].x[-1:],
+                None if nets[0].a is None else nets[0].a[-1:], last, d)
+            for a_row, g in zip(alone, got, strict=True):
+                assert torch.equal(a_row[0], g[-1])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_packed
+def test_packed_networks_refuse_bad_input():
+    net = _network(32, 20, 48, 10, seed=0)
+    params = _packed(net)
+    good = (net.base, params, 10)
+    with pytest.raises(ValueError, match="one or two networks"):
+        cpu_kernels.mlp_pair_f32(net.x, net.a, [good] * 3, 48)
+    bad_calls = [
+        (net.x, net.a, [(net.base, params[:-1], 10)], 48),          # params of another size
+        (net.x, net.a, [(net.base, params, 17)], 48),               # another output width
+        (net.x.double(), net.a, [good], 48),                        # float64 latents
+        (net.x, net.a, [(net.base[:, :8], params, 10)], 48),        # base narrower than D
+        (net.x, net.a[:5], [good], 48),                             # rows disagree
+        (None, None, [good], 48),                                   # no input at all
+    ]
+    for x, a, nets, d in bad_calls:
+        with pytest.raises(RuntimeError, match="mlp_pair_f32"):
+            cpu_kernels.mlp_pair_f32(x, a, nets, d)
+
+
 @needs_kernel
 @torch.no_grad()
 def test_fp32_whole_networks_plan_as_layer_by_layer(tiny_cfg):
-    """Eager float32 plans through whole networks (the default there) give exactly the
-    layer-by-layer plans; compiled and other precisions refuse them."""
+    """Eager float32 plans through whole networks (the default there; BLAS's or the packed
+    products) give exactly the layer-by-layer plans; compiled plans take whole networks only
+    packed, other precisions refuse them."""
     model = _model(tiny_cfg)
     whole, layers = FastWorldModel(model, "fp32"), FastWorldModel(model, "fp32",
                                                                   whole_networks=False)
+    blas = FastWorldModel(model, "fp32", packed_networks=False)
     assert whole.whole_networks and not layers.whole_networks and layers.fused_ln
-    assert not FastWorldModel(model, "fp32+compile").whole_networks
+    assert whole.packed_networks == cpu_kernels.mlp_pair_available()
+    assert blas.whole_networks and not blas.packed_networks
+    compiled = FastWorldModel(model, "fp32+compile")
+    assert compiled.whole_networks == compiled.packed_networks == cpu_kernels.mlp_pair_available()
+    assert not FastWorldModel(model, "fp32+compile", packed_networks=False).whole_networks
     args = _three_task_plan_args(model, tiny_cfg)
-    for got, want in zip(plan(whole, *args), plan(layers, *args), strict=True):
-        assert torch.equal(got, want)
-    for spec in ("fp32+compile", "int8", "bf16"):
+    want = plan(layers, *args)
+    for view in (whole, blas):
+        for got, w in zip(plan(view, *args), want, strict=True):
+            assert torch.equal(got, w)
+    for spec in ("int8", "bf16"):
         with pytest.raises(ValueError, match="whole_networks"):
             FastWorldModel(model, spec, whole_networks=True)
+        with pytest.raises(ValueError, match="packed_networks"):
+            FastWorldModel(model, spec, packed_networks=True)
+    with pytest.raises(ValueError, match="whole_networks"):
+        FastWorldModel(model, "fp32+compile", whole_networks=True, packed_networks=False)
     with pytest.raises(ValueError, match="whole_networks"):
         FastWorldModel(model, "fp32", False, whole_networks=True)
 

@@ -156,6 +156,14 @@ def _register_fake() -> None:
     def _(x, bias, w, b, groups_of, eps):
         return x.new_empty((x.shape[0], w.shape[0]))
 
+    @torch.library.register_fake("tdmpc_opt_cpu::mlp_pair_f32_v1")
+    def _(x, a, base0, params0, n3_0, base1, params1, n3_1, d, eps):
+        m = (x if x is not None else a).shape[0]
+
+        def out(n3):  # a view of [M, round16(N3)]
+            return params0.new_empty_strided((m, n3), (_round16(n3), 1))
+        return out(n3_0), out(n3_1) if params1 is not None else params0.new_empty((0,))
+
 
 def available() -> bool:
     """Whether :func:`ln_mish_int8` can run here (builds the extension on the first call)."""
@@ -250,6 +258,73 @@ def mlps_f32(networks: Sequence[Network], eps: float = 1e-5) -> list[torch.Tenso
         [n[0] for n in ln2], [n[1] for n in ln2], w3, b3, eps)
 
 
+def mlp_pair_available() -> bool:
+    """Whether :func:`mlp_pair_f32` runs here: the extension built for AVX-512."""
+    return _built("mlp_pair_built")
+
+
+def _built(query: str) -> bool:
+    """The extension's answer to its op ``query`` (whether a part of it was compiled for this
+    CPU); False where the extension is unavailable or loaded without that op."""
+    if not available():
+        return False
+    try:
+        return bool(getattr(torch.ops.tdmpc_opt_cpu, query)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """A float32 weight ``w [K, N]`` (``y = x @ w``) in the column panels
+    :func:`mlp_pair_f32` multiplies with: ``N`` zero-padded to a multiple of 16, cut into
+    panels of 64 columns (the last 16-64 wide), each stored ``[K, width]``, one after another
+    -> ``[K * round16(N)]``."""
+    k, n = w.shape
+    w = torch.nn.functional.pad(w.detach().float(), (0, _round16(n) - n))
+    return torch.cat([w[:, j:j + 64].reshape(-1) for j in range(0, w.shape[1], 64)])
+
+
+def network_params(w1: torch.Tensor | None, wa: torch.Tensor | None,
+                   ln1: tuple[torch.Tensor, torch.Tensor], w2: torch.Tensor, b2: torch.Tensor,
+                   ln2: tuple[torch.Tensor, torch.Tensor], w3: torch.Tensor, b3: torch.Tensor
+                   ) -> torch.Tensor:
+    """One network's parameters as :func:`mlp_pair_f32` reads them, in one float32 vector:
+    the first layer's latent weights ``w1 [K1, D]`` (panels; None: the network has no latent
+    input), its action weights ``wa [A, D]`` (None: no action input), LayerNorm 1's affine
+    ``[D]``, ``w2 [D, D]`` (panels) and ``b2 [D]``, LayerNorm 2's affine, ``w3 [D, N3]``
+    (panels) and ``b3 [N3]`` (zero-padded to a multiple of 16). Weights ``[in, out]``."""
+    n3 = w3.shape[1]
+    parts = [pack_panels(w1) if w1 is not None else None,
+             wa.detach().float().reshape(-1) if wa is not None else None,
+             *ln1, pack_panels(w2), b2, *ln2, pack_panels(w3),
+             torch.nn.functional.pad(b3.detach().float(), (0, _round16(n3) - n3))]
+    return torch.cat([p.detach().float().reshape(-1) for p in parts if p is not None])
+
+
+def mlp_pair_f32(x: torch.Tensor | None, a: torch.Tensor | None,
+                 nets: Sequence[tuple[torch.Tensor, torch.Tensor, int]], hidden: int,
+                 eps: float = 1e-5) -> list[torch.Tensor]:
+    """One or two whole float32 networks on the same inputs, as :class:`Network` describes
+    them, on this package's AVX-512 products (:func:`mlp_pair_available`): ``x [M, K1]``
+    latents or None (their part already in the bases), ``a [M, A]`` action inputs or None,
+    ``nets``: per network ``(base [G, >=D], params, N3)`` with ``params`` from
+    :func:`network_params` and ``hidden = D``. Weights stay packed in each core's cache and
+    every thread takes a block of rows through all layers, 24 rows at a time; each output is
+    summed over its inputs in order, so a row's values do not depend on the batch or thread
+    count, and differ from BLAS's (:func:`mlps_f32`) by float32 rounding. Returns each
+    network's ``[M, N3]`` (rows contiguous, row stride ``round16(N3)``)."""
+    if not 1 <= len(nets) <= 2:
+        raise ValueError("mlp_pair_f32 takes one or two networks")
+    (base0, p0, n0), (base1, p1, n1) = nets[0], (nets[1] if len(nets) == 2 else (None, None, 0))
+    outs = torch.ops.tdmpc_opt_cpu.mlp_pair_f32_v1(x, a, base0, p0, n0, base1, p1, n1, hidden,
+                                                    eps)
+    return list(outs[:len(nets)])
+
+
 def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.Tensor | None,
                  row_scale: torch.Tensor | None, a: torch.Tensor | None,
                  wa: torch.Tensor | None, weight: torch.Tensor, norm_bias: torch.Tensor,
@@ -278,12 +353,7 @@ def ln_mish_int8(base: torch.Tensor, acc: torch.Tensor | None, col_scale: torch.
 
 def int8_mm_available() -> bool:
     """Whether :func:`int8_mm` runs here: the extension built for AVX2 or wider."""
-    if not available():
-        return False
-    try:
-        return bool(torch.ops.tdmpc_opt_cpu.int8_mm_built())
-    except (AttributeError, RuntimeError):  # an extension loaded without this source
-        return False
+    return _built("int8_mm_built")
 
 
 def int8_pack(w: torch.Tensor) -> torch.Tensor:

@@ -312,7 +312,8 @@ class FastWorldModel:
 
     def __init__(self, model: WorldModel, precision: str = "fp32",
                  fused_kernel: bool | None = None, wide: Iterable[str] = WIDE_DEFAULT,
-                 ref_codes: bool | None = None, whole_networks: bool | None = None):
+                 ref_codes: bool | None = None, whole_networks: bool | None = None,
+                 packed_networks: bool | None = None):
         precision, self.compile = parse_precision(precision)
         wide = frozenset(wide)
         if not wide <= set(NETWORKS):
@@ -335,16 +336,33 @@ class FastWorldModel:
         self.fused_ln = fused_kernel and precision == "fp32"
         """Every LayerNorm + Mish layer through :func:`cpu_kernels.ln_mish_f32` (fp32, CPU):
         one pass per row instead of PyTorch's or inductor's several."""
-        if whole_networks is None:  # eager float32 where the fused kernels run
-            whole_networks = self.fused_ln and not self.compile
-        if whole_networks and not (self.fused_ln and not self.compile):
-            raise ValueError("whole_networks is for eager fp32 plans with the fused CPU kernels")
+        packable = self.fused_ln and cpu_kernels.mlp_pair_available()
+        if packed_networks is None:  # float32 on an AVX-512 CPU where the kernels build
+            packed_networks = packable
+        if packed_networks and not packable:
+            raise ValueError("packed_networks is for fp32 plans on an AVX-512 CPU with the "
+                             "fused kernels")
+        self.packed_networks = packed_networks
+        """fp32 on an AVX-512 CPU (its default there): whole networks through
+        :func:`cpu_kernels.mlp_pair_f32`, this package's products on weights packed once into
+        column panels that stay in each core's cache, 24 rows at a time through all layers,
+        instead of BLAS (:attr:`whole_networks`); also in compiled graphs (an op of fixed
+        arguments). Each output is one multiply-add chain over its inputs in order, as MKL's
+        AVX-512 kernels sum these products (the values came out bitwise equal on the 1M
+        model); faster plans (benchmarks/README.md, session 24)."""
+        if whole_networks is None:  # eager float32 where the fused kernels run, or packed
+            whole_networks = self.fused_ln and (not self.compile or self.packed_networks)
+        if whole_networks and not (self.fused_ln and (not self.compile or self.packed_networks)):
+            raise ValueError("whole_networks is for fp32 plans with the fused CPU kernels "
+                             "(with +compile: packed networks)")
         self.whole_networks = whole_networks
-        """fp32 without ``+compile`` (its default there): each network's three layers, and the
-        networks that read the same inputs (dynamics and reward, the picked Q members), in one
-        :func:`cpu_kernels.mlps_f32` call, every thread a block of rows through all of them;
-        the same values as layer by layer, 2-7% faster plans (benchmarks/README.md). Compiled
-        graphs keep the layers as separate operations, which inductor runs faster."""
+        """fp32 (its default there; with ``+compile`` only with :attr:`packed_networks`): each
+        network's three layers, and the networks that read the same inputs (dynamics and
+        reward, the picked Q members), in one call (:func:`cpu_kernels.mlp_pair_f32`, else
+        :func:`cpu_kernels.mlps_f32`), every thread a block of rows through all of them; the
+        same values as layer by layer, faster plans (benchmarks/README.md). Without packed
+        networks compiled graphs keep the layers as separate operations: a list-argument op is
+        called through Python there."""
         self.fused_outputs = self.fused_ln and self.compile
         """fp32+compile on a CPU with the fused kernels: reward and Q outputs decoded by
         :func:`cpu_kernels.two_hot_decode` and the dynamics' output normalised by
@@ -393,6 +411,15 @@ class FastWorldModel:
             self.pi3 = Dense(pi[2].weight, pi[2].bias, precision)
             self._build_q(model, emb)
             self.centers = tm.bin_centers(c.num_bins, c.vmin, c.vmax, self.device)
+            self._packed = {}
+            """Per network (keyed by its output layer's ``id``): its parameters for
+            :func:`cpu_kernels.mlp_pair_f32` (:attr:`packed_networks`)."""
+            if self.whole_networks and self.packed_networks:
+                nets = [(self.dyn1, self.dyn2, self.dyn3[0]), (self.rew1, self.rew2, self.rew3),
+                        (self.pi1, self.pi2, self.pi3),
+                        *zip(self.q1, self.q2, self.q3, strict=True)]
+                self._packed = {id(net[2]): self._network_params(*net) for net in nets}
+            self._zero_latent_bias = torch.zeros(c.latent_dim, device=self.device)
 
     @property
     def layers(self) -> str:
@@ -487,12 +514,14 @@ class FastWorldModel:
 
     def decode_outputs(self, outputs: list[torch.Tensor], heads: list[Dense], dim: int = 0
                        ) -> torch.Tensor:
-        """Decoded values of ``n`` two-hot heads' outputs ``[M, K]`` as :meth:`_out` gives
-        them (with :attr:`fused_decode` still without the bias of the output layer in
-        ``heads``), stacked along ``dim``: ``[n, M]`` or ``[M, n]``."""
-        if self.fused_decode:
-            return torch.stack([cpu_kernels.two_hot_decode(y, self.centers, d.bias[:d.out_dim])
-                                for y, d in zip(outputs, heads, strict=True)], dim)
+        """Decoded values of ``n`` two-hot heads' outputs ``[M, K]`` as :meth:`_out` (with
+        :attr:`fused_decode` still without the bias of the output layer in ``heads``) or
+        :meth:`_whole` (bias added) gives them, stacked along ``dim``: ``[n, M]`` or
+        ``[M, n]``."""
+        if self.fused_decode:  # whole networks' outputs carry their bias already
+            return torch.stack([cpu_kernels.two_hot_decode(
+                y, self.centers, None if self.whole_networks else d.bias[:d.out_dim])
+                for y, d in zip(outputs, heads, strict=True)], dim)
         return self.decode(torch.stack(outputs, dim))
 
     # ------------------------------------------------------------------------ networks
@@ -533,6 +562,9 @@ class FastWorldModel:
         if self.whole_networks:  # both networks in one kernel call
             z, r = self._whole((self.dyn1, self.dyn2, dense, *pre[0]),
                                (self.rew1, self.rew2, self.rew3, *pre[1]))
+            if self.fused_outputs:  # the bias is in z already
+                return cpu_kernels.ln_simnorm_f32(z, self._zero_latent_bias, norm,
+                                                  self.cfg.simnorm_dim), r
             return self._simnorm(F.layer_norm(z, (self.cfg.latent_dim,), *norm)), r
         g = self._groups(envs)
         h = self._layer(self.dyn2, self._act(pre[0], self.dyn1["ln"], g), "dyn", g)
@@ -565,12 +597,27 @@ class FastWorldModel:
         return x, base, a, None if a is None else first["a"].weight
 
     @staticmethod
-    def _whole(*nets: tuple) -> list[torch.Tensor]:
-        """Whole networks through :func:`cpu_kernels.mlps_f32` (:attr:`whole_networks`), each
-        given as ``(first, layer2, dense3, z, base, a)``: first layer ``first`` on latents
-        ``z [M, L]`` (None: their part already in ``base``), ``base [B, D]`` task bias per
-        environment and actions ``a [M, A]`` or None; then ``layer2`` (product, LayerNorm
-        affine) and output product ``dense3``. Returns each network's ``[M, out]``."""
+    def _network_params(first: dict, layer2: tuple, dense3: Dense) -> torch.Tensor:
+        """A network's parameters for :func:`cpu_kernels.mlp_pair_f32`."""
+        dense2, ln2 = layer2
+        d = dense2.out_dim
+        return cpu_kernels.network_params(
+            first["z"].weight[:, :d], None if first["a"] is None else first["a"].weight[:, :d],
+            first["ln"], dense2.weight[:d, :d], dense2.bias[:d], ln2,
+            dense3.weight[:, :dense3.out_dim], dense3.bias[:dense3.out_dim])
+
+    def _whole(self, *nets: tuple) -> list[torch.Tensor]:
+        """Whole networks (:attr:`whole_networks`), each given as ``(first, layer2, dense3,
+        z, base, a)``: first layer ``first`` on latents ``z [M, L]`` (None: their part
+        already in ``base``), ``base [B, D]`` task bias per environment and actions ``a [M,
+        A]`` or None; then ``layer2`` (product, LayerNorm affine) and output product
+        ``dense3``. With :attr:`packed_networks` the networks (one or two) share ``z`` and
+        ``a``. Returns each network's ``[M, out]`` (its bias added)."""
+        if self.packed_networks:
+            _, _, _, z, _, a = nets[0]
+            return cpu_kernels.mlp_pair_f32(
+                z, a, [(base, self._packed[id(dense3)], dense3.out_dim)
+                       for _, _, dense3, _, base, _ in nets], self.cfg.mlp_dim)
         specs = []
         for first, (dense2, ln2), dense3, z, base, a in nets:
             d = dense2.out_dim  # the hidden width (weights are padded to 8 | columns)

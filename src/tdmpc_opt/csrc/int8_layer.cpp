@@ -750,6 +750,199 @@ std::vector<at::Tensor> mlps_f32(
   return out;
 }
 
+
+// ------------------------------------------------------------------ panel-packed networks
+// Whole float32 networks as mlps_f32 computes them, on this file's own products instead of
+// BLAS (AVX-512 only): weights packed once into column panels (pack below) that stay in a
+// core's cache, and rows taken kPackedBlock at a time through all three layers, so a block's
+// activations never leave the core between layers. Each output is one FMA chain over k in
+// order (k = 0..K-1), so a row's numbers do not depend on the block, thread or batch it is
+// computed in; the summation order differs from BLAS's, so values differ from mlps_f32's by
+// float32 rounding.
+//
+// Packed weight of w [K, N] (y = x @ w): N rounded up to a multiple of 16 (zero columns) and
+// cut into panels of 64 columns, the last one 16, 32, 48 or 64 wide; panel p is
+// w[:, n0:n0+width] stored [K][width], the panels one after another: K * round16(N) floats.
+// A network's parameters, packed into one float32 vector (network_params_size): the first
+// layer's latent weights packed [K1 x D] (K1 = 0: none), its action weights [A, D] as they
+// are (A = 0: none), LayerNorm 1 weight and bias [D], the second layer's weights packed
+// [D x D] and bias [D], LayerNorm 2 weight and bias [D], the output weights packed [D x N3]
+// and bias [round16(N3)] (zero beyond N3).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kPanel = 64, kPackedBlock = 24;
+
+int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+int64_t network_params_size(int64_t k1, int64_t na, int64_t d, int64_t n3) {
+  return k1 * d + na * d + 2 * d + d * d + d + 2 * d + d * round16(n3) + round16(n3);
+}
+
+// C[r, 0:16 NV] = A[r, :] @ panel for R rows; panel [K][16 NV]; A row stride lda.
+template <int R, int NV>
+void panel_rows(const float* a, int64_t lda, const float* panel, int64_t k, float* c,
+                int64_t ldc) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; ++j) {
+    __m512 w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(panel + j * 16 * NV + 16 * v);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, w[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int R>
+void panel_rows_nv(int nv, const float* a, int64_t lda, const float* panel, int64_t k,
+                   float* c, int64_t ldc) {
+  switch (nv) {
+    case 4: return panel_rows<R, 4>(a, lda, panel, k, c, ldc);
+    case 3: return panel_rows<R, 3>(a, lda, panel, k, c, ldc);
+    case 2: return panel_rows<R, 2>(a, lda, panel, k, c, ldc);
+    default: return panel_rows<R, 1>(a, lda, panel, k, c, ldc);
+  }
+}
+
+// c[0:rows, 0:round16(n)] = a[0:rows, 0:k] @ packed w [k x n] (+ bias [round16(n)] if given).
+void packed_product(const float* a, int64_t lda, int64_t rows, const float* packed, int64_t k,
+                    int64_t n, const float* bias, float* c, int64_t ldc) {
+  const int64_t width = round16(n);
+  for (int64_t n0 = 0; n0 < width; n0 += kPanel) {
+    const int nv = static_cast<int>(std::min(kPanel, width - n0) / 16);
+    const float* panel = packed + k * n0;
+    int64_t r = 0;
+    for (; r + 6 <= rows; r += 6)
+      panel_rows_nv<6>(nv, a + r * lda, lda, panel, k, c + r * ldc + n0, ldc);
+    for (; r < rows; ++r) panel_rows_nv<1>(nv, a + r * lda, lda, panel, k, c + r * ldc + n0, ldc);
+  }
+  if (bias)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < width; j += 16)
+        _mm512_storeu_ps(c + r * ldc + j, _mm512_add_ps(_mm512_loadu_ps(c + r * ldc + j),
+                                                        _mm512_loadu_ps(bias + j)));
+}
+
+// One network's pointers into its parameter vector (see network_params_size).
+struct PackedNet {
+  const float *w1, *wa, *ln1_w, *ln1_b, *w2, *b2, *ln2_w, *ln2_b, *w3, *b3;
+  const float* base;
+  int64_t ldb = 0, per = 1, n3 = 0;
+  float* out;
+};
+
+PackedNet packed_net(const at::Tensor& params, const at::Tensor& base, int64_t k1, int64_t na,
+                     int64_t d, int64_t n3, int64_t m, at::Tensor& out) {
+  const char* op = "mlp_pair_f32";
+  TORCH_CHECK(params.scalar_type() == at::kFloat && params.dim() == 1 &&
+                  params.is_contiguous() &&
+                  params.numel() == network_params_size(k1, na, d, n3),
+              op, ": params must be a contiguous float32 vector of network_params_size floats");
+  TORCH_CHECK(base.scalar_type() == at::kFloat && base.dim() == 2 && base.size(1) >= d &&
+                  base.stride(1) == 1 && base.size(0) > 0 && m % base.size(0) == 0,
+              op, ": base must be float32 [G, >=D] (rows contiguous) with G dividing M");
+  PackedNet p;
+  const float* q = params.data_ptr<float>();
+  auto take = [&q](int64_t n) { const float* at = q; q += n; return at; };
+  p.w1 = take(k1 * d), p.wa = take(na * d), p.ln1_w = take(d), p.ln1_b = take(d);
+  p.w2 = take(d * d), p.b2 = take(d), p.ln2_w = take(d), p.ln2_b = take(d);
+  p.w3 = take(d * round16(n3)), p.b3 = take(round16(n3));
+  p.base = base.data_ptr<float>(), p.ldb = base.stride(0), p.per = m / base.size(0);
+  p.n3 = n3;
+  out = at::empty({m, round16(n3)}, params.options());
+  p.out = out.data_ptr<float>();
+  return p;
+}
+
+// Rows r0..r1 of network p through its three layers, kPackedBlock rows at a time; h1, h2:
+// this thread's [kPackedBlock, d] buffers.
+void run_packed_rows(const PackedNet& p, const float* x, int64_t k1, const float* a, int64_t na,
+                     int64_t d, int64_t r0, int64_t r1, float e, float* h1, float* h2) {
+  const int64_t ldo = round16(p.n3);
+  for (int64_t b0 = r0; b0 < r1; b0 += kPackedBlock) {
+    const int64_t rows = std::min(kPackedBlock, r1 - b0);
+    if (x) packed_product(x + b0 * k1, k1, rows, p.w1, k1, d, nullptr, h1, d);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t row = b0 + i;
+      ln_mish_f32_row(x ? h1 + i * d : nullptr, p.base + (row / p.per) * p.ldb,
+                      a ? a + row * na : nullptr, a ? na : 0, p.wa, d, p.ln1_w, p.ln1_b, d, e,
+                      h1 + i * d);
+    }
+    packed_product(h1, d, rows, p.w2, d, d, nullptr, h2, d);
+    for (int64_t i = 0; i < rows; ++i)
+      ln_mish_f32_row(h2 + i * d, p.b2, nullptr, 0, nullptr, 0, p.ln2_w, p.ln2_b, d, e,
+                      h2 + i * d);
+    packed_product(h2, d, rows, p.w3, d, p.n3, p.b3, p.out + b0 * ldo, ldo);
+  }
+}
+#endif
+
+// One or two float32 networks on the same inputs (dynamics and reward; two Q members; the
+// policy alone), each given by its packed parameters (above): x [M, K1] latents (rows
+// contiguous) or None (their part already in base), a [M, A] action inputs or None, base_i
+// [G, >=D] the first layer's bias per group of rows. Returns each network's [M, N3_i] (a view
+// of a [M, round16(N3_i)] buffer; bias added), the second empty without a second network.
+// Every thread takes one contiguous block of rows of both networks.
+std::tuple<at::Tensor, at::Tensor> mlp_pair_f32(
+    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& a,
+    const at::Tensor& base0, const at::Tensor& params0, int64_t n3_0,
+    const std::optional<at::Tensor>& base1, const std::optional<at::Tensor>& params1,
+    int64_t n3_1, int64_t d, double eps) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const char* op = "mlp_pair_f32";
+  TORCH_CHECK(x || a, op, ": needs x or a");
+  TORCH_CHECK(!base1 == !params1, op, ": base1 and params1 come together");
+  TORCH_CHECK(!x || (x->scalar_type() == at::kFloat && x->dim() == 2 && x->stride(1) == 1),
+              op, ": x must be float32 [M, K1] with rows contiguous");
+  TORCH_CHECK(!a || (a->scalar_type() == at::kFloat && a->dim() == 2), op,
+              ": a must be float32 [M, A]");
+  const int64_t m = x ? x->size(0) : a->size(0);
+  TORCH_CHECK(!x || !a || a->size(0) == m, op, ": x and a need the same rows");
+  const at::Tensor xc = x ? x->contiguous() : at::Tensor(), ac = a ? a->contiguous() : at::Tensor();
+  const int64_t k1 = x ? xc.size(1) : 0, na = a ? ac.size(1) : 0;
+  // the first layer's latent weights are in params whether or not x is given this call
+  const int64_t k1_params = x ? k1 : -1;
+  at::Tensor out0, out1;
+  auto make = [&](const at::Tensor& params, const at::Tensor& base, int64_t n3, at::Tensor& out) {
+    int64_t k = k1_params;
+    if (k < 0) {  // infer K1 from the vector's size
+      const int64_t rest = params.numel() - network_params_size(0, na, d, n3);
+      TORCH_CHECK(d > 0 && rest >= 0 && rest % d == 0, op, ": params do not fit these sizes");
+      k = rest / d;
+    }
+    return packed_net(params, base, k, na, d, n3, m, out);
+  };
+  std::vector<PackedNet> nets{make(params0, base0, n3_0, out0)};
+  if (params1) nets.push_back(make(*params1, *base1, n3_1, out1));
+  const float* xp = x ? xc.data_ptr<float>() : nullptr;
+  const float* ap = a ? ac.data_ptr<float>() : nullptr;
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> h(2 * kPackedBlock * d);
+    for (const PackedNet& p : nets)
+      run_packed_rows(p, xp, k1, ap, na, d, r0, r1, e, h.data(), h.data() + kPackedBlock * d);
+  });
+  out0 = out0.narrow(1, 0, n3_0);
+  out1 = params1 ? out1.narrow(1, 0, n3_1) : at::empty({0}, params0.options());
+  return {out0, out1};
+#else
+  TORCH_CHECK(false, "mlp_pair_f32 is built for AVX-512 CPUs only");
+#endif
+}
+
+bool mlp_pair_built() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 // The op's name carries a version that changes with its schema: inductor caches compiled
@@ -766,6 +959,9 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
   m.def("two_hot_f32_v1(Tensor x, Tensor? bias, Tensor centers) -> Tensor");
   m.def("ln_simnorm_f32_v1(Tensor x, Tensor bias, Tensor w, Tensor b, int groups_of, "
         "float eps) -> Tensor");
+  m.def("mlp_pair_f32_v1(Tensor? x, Tensor? a, Tensor base0, Tensor params0, int n3_0, "
+        "Tensor? base1, Tensor? params1, int n3_1, int d, float eps) -> (Tensor, Tensor)");
+  m.def("mlp_pair_built() -> bool", &mlp_pair_built);
 }
 
 TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
@@ -774,4 +970,5 @@ TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
   m.impl("mlps_f32_v1", &mlps_f32);
   m.impl("two_hot_f32_v1", &two_hot_f32);
   m.impl("ln_simnorm_f32_v1", &ln_simnorm_f32);
+  m.impl("mlp_pair_f32_v1", &mlp_pair_f32);
 }
