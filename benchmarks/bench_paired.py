@@ -2,10 +2,10 @@
 
 Separate processes run one after another on a shared VM differ by more than the effects worth
 measuring (session 23 read one setting at 46.1 and 53.5 ms in two processes). Here every
-variant is a view of the same model in the same process; they plan the same batch-1 state in
-turn, ``--calls`` plans each per round, for ``--seconds``; each round's median is divided by the
-first variant's in the same round, and the median of those ratios is reported with the values'
-difference to the first variant.
+variant is a view of the same model in the same process; they plan the same state (``--batch``
+environments, default 1) in turn, ``--calls`` plans each per round, for ``--seconds``; each
+round's median is divided by the first variant's in the same round, and the median of those
+ratios is reported with the values' difference to the first variant.
 
 A variant is a precision spec followed by optional ``name=0|1`` settings of the view:
 :class:`~tdmpc_opt.fast_model.FastWorldModel`'s constructor flags (``fused_kernel``,
@@ -59,13 +59,16 @@ def main() -> int:
     p.add_argument("variants", nargs="+", help="precision spec [name=0|1 ...], first = base")
     p.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1, help="environments planned at once")
     p.add_argument("--calls", type=int, default=10, help="plans per variant per round")
     p.add_argument("--seconds", type=float, default=60.0, help="timed rounds for this long")
     args = p.parse_args()
     keep_freed_memory()  # as the command line does (tdmpc_opt.allocator)
     torch.set_num_threads(args.threads)
     agent = load_agent(args.checkpoint)
-    _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, 1)
+    if args.batch < 1:
+        raise SystemExit(f"bench_paired: --batch must be at least 1, got {args.batch}")
+    _, z, task, prev, t0, noise, gamma = _plan_inputs(agent, args.batch)
     views = [build_view(agent.model, v) for v in args.variants]
     plans = [lambda fm=fm: plan(fm, agent.planner, z, task, prev, t0, True, noise, gamma)
              for fm in views]
@@ -83,7 +86,8 @@ def main() -> int:
                 f()
                 calls.append(time.perf_counter() - start)
             times.append(statistics.median(calls))
-    print(f"{len(rounds[0])} rounds of {args.calls} plans per variant, {args.threads} threads")
+    print(f"{len(rounds[0])} rounds of {args.calls} plans per variant, batch {args.batch}, "
+          f"{args.threads} threads")
     print("| variant | median ms | paired ratio to the first | max action diff |")
     print("| --- | ---: | ---: | ---: |")
     for variant, times, (action, _) in zip(args.variants, rounds, first, strict=True):

@@ -487,6 +487,41 @@ def test_packed_networks_equal_blas_networks(threads, m, d):
 
 
 @needs_packed
+@pytest.mark.parametrize("m", [1, 30, 488])
+def test_packed_network_epilogues_equal_the_row_kernels(m):
+    """The LayerNorm + SimNorm epilogue gives bitwise what :func:`cpu_kernels.ln_simnorm_f32`
+    makes of the raw outputs, the two-hot one what :func:`cpu_kernels.two_hot_decode` does
+    up to its final ``expm1`` (one value at a time here, so a row's value does not depend on
+    its place in a block; vectorised there); a row computed alone gives the same values."""
+    d, k, latent = 48, 101, 32
+    dyn = _network(m, 20, d, latent, seed=m)
+    rew = _network(m, 20, d, k, seed=m + 1)._replace(x=dyn.x, a=dyn.a)
+    g = torch.Generator().manual_seed(m)
+    centers = torch.linspace(-10, 10, k)
+    norm = (1 + 0.1 * torch.randn(latent, generator=g), 0.1 * torch.randn(latent, generator=g))
+    nets = [(n.base, _packed(n), n.w3.shape[1]) for n in (dyn, rew)]
+    raw = cpu_kernels.mlp_pair_f32(dyn.x, dyn.a, nets, d)
+    z, r = cpu_kernels.mlp_pair_f32(dyn.x, dyn.a, [(*nets[0], "simnorm"), (*nets[1], "two_hot")],
+                                    d, centers=centers, norm=norm, groups_of=8)
+    assert z.shape == (m, latent) and r.shape == (m,)
+    assert torch.equal(z, cpu_kernels.ln_simnorm_f32(raw[0], torch.zeros(latent), norm, 8))
+    torch.testing.assert_close(r, cpu_kernels.two_hot_decode(raw[1], centers), rtol=1e-6,
+                               atol=1e-7)
+    z1, r1 = cpu_kernels.mlp_pair_f32(dyn.x[-1:], dyn.a[-1:],
+                                      [(dyn.base, nets[0][1], latent, "simnorm"),
+                                       (rew.base, nets[1][1], k, "two_hot")],
+                                      d, centers=centers, norm=norm, groups_of=8)
+    assert torch.equal(z1[0], z[-1]) and torch.equal(r1[0], r[-1])
+    with pytest.raises(RuntimeError, match="centers"):
+        cpu_kernels.mlp_pair_f32(dyn.x, dyn.a, [(*nets[1], "two_hot")], d)
+    with pytest.raises(RuntimeError, match="group size"):
+        cpu_kernels.mlp_pair_f32(dyn.x, dyn.a, [(*nets[0], "simnorm")], d, norm=norm,
+                                 groups_of=5)
+    with pytest.raises(ValueError, match="epilogue"):
+        cpu_kernels.mlp_pair_f32(dyn.x, dyn.a, [(*nets[0], "softmax")], d)
+
+
+@needs_packed
 def test_packed_networks_refuse_bad_input():
     net = _network(32, 20, 48, 10, seed=0)
     params = _packed(net)
@@ -587,8 +622,12 @@ def test_compiled_fp32_view_decodes_with_the_kernel(tiny_cfg):
     bias, which the kernel adds); eager fp32 and int8 keep PyTorch's decoding. The values
     agree to float32 rounding."""
     model = _model(tiny_cfg)
-    fused, eager = FastWorldModel(model, "fp32+compile"), FastWorldModel(model, "fp32")
+    fused = FastWorldModel(model, "fp32+compile", packed_networks=False)  # layer by layer
+    eager = FastWorldModel(model, "fp32")
     assert fused.fused_outputs and not eager.fused_outputs
+    assert not fused.fused_epilogues and not eager.fused_epilogues
+    packed = cpu_kernels.mlp_pair_available()
+    assert FastWorldModel(model, "fp32+compile").fused_epilogues == packed
     assert not FastWorldModel(model, "int8").fused_outputs
     assert not FastWorldModel(model, "fp32+compile", False).fused_outputs
     regression = FastWorldModel(_model(dataclasses.replace(tiny_cfg, num_bins=1)), "fp32+compile")

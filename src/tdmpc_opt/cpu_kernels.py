@@ -156,13 +156,19 @@ def _register_fake() -> None:
     def _(x, bias, w, b, groups_of, eps):
         return x.new_empty((x.shape[0], w.shape[0]))
 
-    @torch.library.register_fake("tdmpc_opt_cpu::mlp_pair_f32_v1")
-    def _(x, a, base0, params0, n3_0, base1, params1, n3_1, d, eps):
+    @torch.library.register_fake("tdmpc_opt_cpu::mlp_pair_f32_v2")
+    def _(x, a, base0, params0, n3_0, epilogue0, base1, params1, n3_1, epilogue1, d, eps,
+          centers, norm_w, norm_b, groups_of):
         m = (x if x is not None else a).shape[0]
 
-        def out(n3):  # a view of [M, round16(N3)]
+        def out(n3, epilogue):  # raw: a view of [M, round16(N3)]
+            if epilogue == EPILOGUES["two_hot"]:
+                return params0.new_empty((m,))
+            if epilogue == EPILOGUES["simnorm"]:
+                return params0.new_empty((m, n3))
             return params0.new_empty_strided((m, n3), (_round16(n3), 1))
-        return out(n3_0), out(n3_1) if params1 is not None else params0.new_empty((0,))
+        return (out(n3_0, epilogue0),
+                out(n3_1, epilogue1) if params1 is not None else params0.new_empty((0,)))
 
 
 def available() -> bool:
@@ -305,23 +311,45 @@ def network_params(w1: torch.Tensor | None, wa: torch.Tensor | None,
     return torch.cat([p.detach().float().reshape(-1) for p in parts if p is not None])
 
 
+EPILOGUES = {"raw": 0, "two_hot": 1, "simnorm": 2}
+"""What :func:`mlp_pair_f32` makes of a network's output rows ``y = h2 @ w3 + b3``: ``raw``
+the rows themselves ``[M, N3]``; ``two_hot`` their two-hot decoding (:func:`two_hot_decode`
+with the bin centres) ``[M]``; ``simnorm`` ``SimNorm(LayerNorm(y))`` (:func:`ln_simnorm_f32`
+with the LayerNorm affine and group size) ``[M, N3]``, the next latent."""
+
+
 def mlp_pair_f32(x: torch.Tensor | None, a: torch.Tensor | None,
-                 nets: Sequence[tuple[torch.Tensor, torch.Tensor, int]], hidden: int,
-                 eps: float = 1e-5) -> list[torch.Tensor]:
+                 nets: Sequence[tuple], hidden: int, eps: float = 1e-5,
+                 centers: torch.Tensor | None = None,
+                 norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 groups_of: int = 0) -> list[torch.Tensor]:
     """One or two whole float32 networks on the same inputs, as :class:`Network` describes
     them, on this package's AVX-512 products (:func:`mlp_pair_available`): ``x [M, K1]``
     latents or None (their part already in the bases), ``a [M, A]`` action inputs or None,
-    ``nets``: per network ``(base [G, >=D], params, N3)`` with ``params`` from
-    :func:`network_params` and ``hidden = D``. Weights stay packed in each core's cache and
-    every thread takes a block of rows through all layers, 24 rows at a time; each output is
-    summed over its inputs in order, so a row's values do not depend on the batch or thread
-    count, and differ from BLAS's (:func:`mlps_f32`) by float32 rounding. Returns each
-    network's ``[M, N3]`` (rows contiguous, row stride ``round16(N3)``)."""
+    ``nets``: per network ``(base [G, >=D], params, N3)`` or ``(base, params, N3,
+    epilogue)`` with ``params`` from :func:`network_params`, ``hidden = D`` and an
+    :data:`EPILOGUES` name (default ``raw``; ``two_hot`` needs ``centers [N3]``, ``simnorm``
+    ``norm`` and ``groups_of``). Weights stay packed in each core's cache and every thread
+    takes a block of rows through all layers, 24 rows at a time; each output is summed over
+    its inputs in order, so a row's values do not depend on the batch or thread count (as
+    MKL's AVX-512 products sum: the same values as :func:`mlps_f32` on the 1M model). Returns
+    per network its epilogue's result (``raw``: ``[M, N3]``, rows contiguous with row stride
+    ``round16(N3)``)."""
     if not 1 <= len(nets) <= 2:
         raise ValueError("mlp_pair_f32 takes one or two networks")
-    (base0, p0, n0), (base1, p1, n1) = nets[0], (nets[1] if len(nets) == 2 else (None, None, 0))
-    outs = torch.ops.tdmpc_opt_cpu.mlp_pair_f32_v1(x, a, base0, p0, n0, base1, p1, n1, hidden,
-                                                    eps)
+    specs = []
+    for net in nets:
+        base, params, n3, *rest = net
+        epilogue = rest[0] if rest else "raw"
+        if epilogue not in EPILOGUES:
+            raise ValueError(f"mlp_pair_f32: epilogue {epilogue!r}: choose from "
+                             f"{sorted(EPILOGUES)}")
+        specs.append((base, params, n3, EPILOGUES[epilogue]))
+    if len(specs) == 1:
+        specs.append((None, None, 0, 0))
+    w, b = norm if norm is not None else (None, None)
+    outs = torch.ops.tdmpc_opt_cpu.mlp_pair_f32_v2(x, a, *specs[0], *specs[1], hidden, eps,
+                                                    centers, w, b, groups_of)
     return list(outs[:len(nets)])
 
 

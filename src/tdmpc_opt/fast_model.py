@@ -375,6 +375,11 @@ class FastWorldModel:
         self.fused_decode = self.fused_outputs and model.cfg.num_bins > 1
         """:attr:`fused_outputs` for the two-hot heads (not for regression heads: ``num_bins``
         0 or 1)."""
+        self.fused_epilogues = self.fused_outputs and self.whole_networks
+        """:attr:`fused_outputs` inside the whole networks (fp32+compile, packed): the
+        dynamics' output normalised and the two-hot heads decoded by
+        :func:`cpu_kernels.mlp_pair_f32` on each block of rows it has just computed
+        (:data:`cpu_kernels.EPILOGUES`), the same row kernels, no separate pass."""
         if ref_codes is None:  # the default wherever the fused kernel runs
             ref_codes = self.fused_kernel
         if ref_codes and not self.fused_kernel:
@@ -419,7 +424,6 @@ class FastWorldModel:
                         (self.pi1, self.pi2, self.pi3),
                         *zip(self.q1, self.q2, self.q3, strict=True)]
                 self._packed = {id(net[2]): self._network_params(*net) for net in nets}
-            self._zero_latent_bias = torch.zeros(c.latent_dim, device=self.device)
 
     @property
     def layers(self) -> str:
@@ -516,8 +520,10 @@ class FastWorldModel:
                        ) -> torch.Tensor:
         """Decoded values of ``n`` two-hot heads' outputs ``[M, K]`` as :meth:`_out` (with
         :attr:`fused_decode` still without the bias of the output layer in ``heads``) or
-        :meth:`_whole` (bias added) gives them, stacked along ``dim``: ``[n, M]`` or
-        ``[M, n]``."""
+        :meth:`_whole` (bias added; with :attr:`fused_epilogues` already decoded, ``[M]``)
+        gives them, stacked along ``dim``: ``[n, M]`` or ``[M, n]``."""
+        if self.fused_decode and self.fused_epilogues:  # decoded by the networks' op
+            return torch.stack(outputs, dim)
         if self.fused_decode:  # whole networks' outputs carry their bias already
             return torch.stack([cpu_kernels.two_hot_decode(
                 y, self.centers, None if self.whole_networks else d.bias[:d.out_dim])
@@ -562,9 +568,8 @@ class FastWorldModel:
         if self.whole_networks:  # both networks in one kernel call
             z, r = self._whole((self.dyn1, self.dyn2, dense, *pre[0]),
                                (self.rew1, self.rew2, self.rew3, *pre[1]))
-            if self.fused_outputs:  # the bias is in z already
-                return cpu_kernels.ln_simnorm_f32(z, self._zero_latent_bias, norm,
-                                                  self.cfg.simnorm_dim), r
+            if self.fused_epilogues:  # z normalised, r decoded (two-hot heads) already
+                return z, r
             return self._simnorm(F.layer_norm(z, (self.cfg.latent_dim,), *norm)), r
         g = self._groups(envs)
         h = self._layer(self.dyn2, self._act(pre[0], self.dyn1["ln"], g), "dyn", g)
@@ -606,18 +611,29 @@ class FastWorldModel:
             first["ln"], dense2.weight[:d, :d], dense2.bias[:d], ln2,
             dense3.weight[:, :dense3.out_dim], dense3.bias[:dense3.out_dim])
 
+    def _epilogue(self, dense3: Dense) -> str:
+        """What :func:`cpu_kernels.mlp_pair_f32` makes of the outputs of the network whose
+        output layer is ``dense3`` (:attr:`fused_epilogues`)."""
+        if not self.fused_epilogues or dense3 is self.pi3:
+            return "raw"
+        if dense3 is self.dyn3[0]:
+            return "simnorm"
+        return "two_hot" if self.fused_decode else "raw"
+
     def _whole(self, *nets: tuple) -> list[torch.Tensor]:
         """Whole networks (:attr:`whole_networks`), each given as ``(first, layer2, dense3,
         z, base, a)``: first layer ``first`` on latents ``z [M, L]`` (None: their part
         already in ``base``), ``base [B, D]`` task bias per environment and actions ``a [M,
         A]`` or None; then ``layer2`` (product, LayerNorm affine) and output product
         ``dense3``. With :attr:`packed_networks` the networks (one or two) share ``z`` and
-        ``a``. Returns each network's ``[M, out]`` (its bias added)."""
+        ``a``. Returns each network's ``[M, out]`` (its bias added), or with
+        :attr:`fused_epilogues` what :meth:`_epilogue` names."""
         if self.packed_networks:
             _, _, _, z, _, a = nets[0]
             return cpu_kernels.mlp_pair_f32(
-                z, a, [(base, self._packed[id(dense3)], dense3.out_dim)
-                       for _, _, dense3, _, base, _ in nets], self.cfg.mlp_dim)
+                z, a, [(base, self._packed[id(dense3)], dense3.out_dim, self._epilogue(dense3))
+                       for _, _, dense3, _, base, _ in nets], self.cfg.mlp_dim,
+                centers=self.centers, norm=self.dyn3[1], groups_of=self.cfg.simnorm_dim)
         specs = []
         for first, (dense2, ln2), dense3, z, base, a in nets:
             d = dense2.out_dim  # the hidden width (weights are padded to 8 | columns)

@@ -819,7 +819,16 @@ void packed_product(const float* a, int64_t lda, int64_t rows, const float* pack
     int64_t r = 0;
     for (; r + 6 <= rows; r += 6)
       panel_rows_nv<6>(nv, a + r * lda, lda, panel, k, c + r * ldc + n0, ldc);
-    for (; r < rows; ++r) panel_rows_nv<1>(nv, a + r * lda, lda, panel, k, c + r * ldc + n0, ldc);
+    const float* ar = a + r * lda;
+    float* cr = c + r * ldc + n0;
+    switch (rows - r) {  // the last 1-5 rows in one pass over the panel
+      case 5: panel_rows_nv<5>(nv, ar, lda, panel, k, cr, ldc); break;
+      case 4: panel_rows_nv<4>(nv, ar, lda, panel, k, cr, ldc); break;
+      case 3: panel_rows_nv<3>(nv, ar, lda, panel, k, cr, ldc); break;
+      case 2: panel_rows_nv<2>(nv, ar, lda, panel, k, cr, ldc); break;
+      case 1: panel_rows_nv<1>(nv, ar, lda, panel, k, cr, ldc); break;
+      default: break;
+    }
   }
   if (bias)
     for (int64_t r = 0; r < rows; ++r)
@@ -829,15 +838,26 @@ void packed_product(const float* a, int64_t lda, int64_t rows, const float* pack
 }
 
 // One network's pointers into its parameter vector (see network_params_size).
+// Epilogue: what a network's output rows become (kRaw: y with its bias; kTwoHot: the two-hot
+// decoding of y, one value per row; kSimNorm: SimNorm(LayerNorm(y)), the next latent).
+enum Epilogue : int64_t { kRaw = 0, kTwoHot = 1, kSimNorm = 2 };
+
 struct PackedNet {
   const float *w1, *wa, *ln1_w, *ln1_b, *w2, *b2, *ln2_w, *ln2_b, *w3, *b3;
   const float* base;
-  int64_t ldb = 0, per = 1, n3 = 0;
+  int64_t ldb = 0, per = 1, n3 = 0, epilogue = kRaw;
   float* out;
 };
 
+// The epilogues' shared inputs: bin centres [N3] (kTwoHot), the LayerNorm affine [N3] and
+// SimNorm group size (kSimNorm).
+struct EpilogueArgs {
+  const float *centers = nullptr, *norm_w = nullptr, *norm_b = nullptr;
+  int64_t groups_of = 0;
+};
+
 PackedNet packed_net(const at::Tensor& params, const at::Tensor& base, int64_t k1, int64_t na,
-                     int64_t d, int64_t n3, int64_t m, at::Tensor& out) {
+                     int64_t d, int64_t n3, int64_t epilogue, int64_t m, at::Tensor& out) {
   const char* op = "mlp_pair_f32";
   TORCH_CHECK(params.scalar_type() == at::kFloat && params.dim() == 1 &&
                   params.is_contiguous() &&
@@ -853,16 +873,19 @@ PackedNet packed_net(const at::Tensor& params, const at::Tensor& base, int64_t k
   p.w2 = take(d * d), p.b2 = take(d), p.ln2_w = take(d), p.ln2_b = take(d);
   p.w3 = take(d * round16(n3)), p.b3 = take(round16(n3));
   p.base = base.data_ptr<float>(), p.ldb = base.stride(0), p.per = m / base.size(0);
-  p.n3 = n3;
-  out = at::empty({m, round16(n3)}, params.options());
+  p.n3 = n3, p.epilogue = epilogue;
+  out = epilogue == kTwoHot ? at::empty({m}, params.options())
+                            : at::empty({m, epilogue == kSimNorm ? n3 : round16(n3)},
+                                        params.options());
   p.out = out.data_ptr<float>();
   return p;
 }
 
 // Rows r0..r1 of network p through its three layers, kPackedBlock rows at a time; h1, h2:
 // this thread's [kPackedBlock, d] buffers.
-void run_packed_rows(const PackedNet& p, const float* x, int64_t k1, const float* a, int64_t na,
-                     int64_t d, int64_t r0, int64_t r1, float e, float* h1, float* h2) {
+void run_packed_rows(const PackedNet& p, const EpilogueArgs& epi, const float* x, int64_t k1,
+                     const float* a, int64_t na, int64_t d, int64_t r0, int64_t r1, float e,
+                     float* h1, float* h2, float* h3) {
   const int64_t ldo = round16(p.n3);
   for (int64_t b0 = r0; b0 < r1; b0 += kPackedBlock) {
     const int64_t rows = std::min(kPackedBlock, r1 - b0);
@@ -877,7 +900,26 @@ void run_packed_rows(const PackedNet& p, const float* x, int64_t k1, const float
     for (int64_t i = 0; i < rows; ++i)
       ln_mish_f32_row(h2 + i * d, p.b2, nullptr, 0, nullptr, 0, p.ln2_w, p.ln2_b, d, e,
                       h2 + i * d);
-    packed_product(h2, d, rows, p.w3, d, p.n3, p.b3, p.out + b0 * ldo, ldo);
+    if (p.epilogue == kRaw) {
+      packed_product(h2, d, rows, p.w3, d, p.n3, p.b3, p.out + b0 * ldo, ldo);
+      continue;
+    }
+    packed_product(h2, d, rows, p.w3, d, p.n3, nullptr, h3, ldo);  // bias in the epilogue
+    if (p.epilogue == kSimNorm) {
+      for (int64_t i = 0; i < rows; ++i)
+        ln_simnorm_row(h3 + i * ldo, p.b3, epi.norm_w, epi.norm_b, p.n3, epi.groups_of, e,
+                       p.out + (b0 + i) * p.n3);
+      continue;
+    }
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) two_hot_rows<4>(h3 + i * ldo, ldo, p.b3, epi.centers, p.n3,
+                                                  p.out + b0 + i);
+    for (; i < rows; ++i) two_hot_rows<1>(h3 + i * ldo, ldo, p.b3, epi.centers, p.n3,
+                                          p.out + b0 + i);
+    for (i = 0; i < rows; ++i) {  // symexp one value at a time: the same for every row
+      float& v = p.out[b0 + i];
+      v = std::copysign(std::expm1(std::abs(v)), v);
+    }
   }
 }
 #endif
@@ -885,14 +927,18 @@ void run_packed_rows(const PackedNet& p, const float* x, int64_t k1, const float
 // One or two float32 networks on the same inputs (dynamics and reward; two Q members; the
 // policy alone), each given by its packed parameters (above): x [M, K1] latents (rows
 // contiguous) or None (their part already in base), a [M, A] action inputs or None, base_i
-// [G, >=D] the first layer's bias per group of rows. Returns each network's [M, N3_i] (a view
-// of a [M, round16(N3_i)] buffer; bias added), the second empty without a second network.
-// Every thread takes one contiguous block of rows of both networks.
+// [G, >=D] the first layer's bias per group of rows. Returns per network its epilogue's
+// result: kRaw [M, N3] (a view of a [M, round16(N3)] buffer; bias added), kTwoHot [M]
+// (two_hot_rows with the centres [N3], symexp one value at a time), kSimNorm [M, N3]
+// (ln_simnorm_row with norm_w, norm_b [N3] and groups_of); the second empty without a second
+// network. Every thread takes one contiguous block of rows of both networks.
 std::tuple<at::Tensor, at::Tensor> mlp_pair_f32(
     const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& a,
-    const at::Tensor& base0, const at::Tensor& params0, int64_t n3_0,
+    const at::Tensor& base0, const at::Tensor& params0, int64_t n3_0, int64_t epilogue0,
     const std::optional<at::Tensor>& base1, const std::optional<at::Tensor>& params1,
-    int64_t n3_1, int64_t d, double eps) {
+    int64_t n3_1, int64_t epilogue1, int64_t d, double eps,
+    const std::optional<at::Tensor>& centers, const std::optional<at::Tensor>& norm_w,
+    const std::optional<at::Tensor>& norm_b, int64_t groups_of) {
 #if defined(CPU_CAPABILITY_AVX512)
   const char* op = "mlp_pair_f32";
   TORCH_CHECK(x || a, op, ": needs x or a");
@@ -908,27 +954,53 @@ std::tuple<at::Tensor, at::Tensor> mlp_pair_f32(
   // the first layer's latent weights are in params whether or not x is given this call
   const int64_t k1_params = x ? k1 : -1;
   at::Tensor out0, out1;
-  auto make = [&](const at::Tensor& params, const at::Tensor& base, int64_t n3, at::Tensor& out) {
+  EpilogueArgs epi;
+  at::Tensor cc, nw, nb;  // contiguous copies the pointers in epi point into
+  auto vec = [&](const std::optional<at::Tensor>& t, int64_t n, at::Tensor& keep,
+                 const char* what) -> const float* {
+    TORCH_CHECK(t && t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == n, op,
+                ": ", what, " must be float32 [N3] for this epilogue");
+    keep = t->contiguous();
+    return keep.data_ptr<float>();
+  };
+  auto check_epilogue = [&](int64_t kind, int64_t n3) {
+    TORCH_CHECK(kind == kRaw || kind == kTwoHot || kind == kSimNorm, op,
+                ": epilogue must be 0 (raw), 1 (two-hot) or 2 (LayerNorm + SimNorm)");
+    if (kind == kTwoHot) epi.centers = vec(centers, n3, cc, "centers");
+    if (kind == kSimNorm) {
+      epi.norm_w = vec(norm_w, n3, nw, "norm_w"), epi.norm_b = vec(norm_b, n3, nb, "norm_b");
+      TORCH_CHECK(groups_of > 0 && n3 % groups_of == 0, op,
+                  ": the SimNorm group size must divide N3");
+      epi.groups_of = groups_of;
+    }
+  };
+  auto make = [&](const at::Tensor& params, const at::Tensor& base, int64_t n3, int64_t kind,
+                  at::Tensor& out) {
+    check_epilogue(kind, n3);
     int64_t k = k1_params;
     if (k < 0) {  // infer K1 from the vector's size
       const int64_t rest = params.numel() - network_params_size(0, na, d, n3);
       TORCH_CHECK(d > 0 && rest >= 0 && rest % d == 0, op, ": params do not fit these sizes");
       k = rest / d;
     }
-    return packed_net(params, base, k, na, d, n3, m, out);
+    return packed_net(params, base, k, na, d, n3, kind, m, out);
   };
-  std::vector<PackedNet> nets{make(params0, base0, n3_0, out0)};
-  if (params1) nets.push_back(make(*params1, *base1, n3_1, out1));
+  std::vector<PackedNet> nets{make(params0, base0, n3_0, epilogue0, out0)};
+  if (params1) nets.push_back(make(*params1, *base1, n3_1, epilogue1, out1));
   const float* xp = x ? xc.data_ptr<float>() : nullptr;
   const float* ap = a ? ac.data_ptr<float>() : nullptr;
   const float e = static_cast<float>(eps);
+  int64_t widest = 0;
+  for (const PackedNet& p : nets) widest = std::max(widest, round16(p.n3));
   at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> h(2 * kPackedBlock * d);
+    std::vector<float> h(kPackedBlock * (2 * d + widest));
+    float *h1 = h.data(), *h2 = h1 + kPackedBlock * d, *h3 = h2 + kPackedBlock * d;
     for (const PackedNet& p : nets)
-      run_packed_rows(p, xp, k1, ap, na, d, r0, r1, e, h.data(), h.data() + kPackedBlock * d);
+      run_packed_rows(p, epi, xp, k1, ap, na, d, r0, r1, e, h1, h2, h3);
   });
-  out0 = out0.narrow(1, 0, n3_0);
-  out1 = params1 ? out1.narrow(1, 0, n3_1) : at::empty({0}, params0.options());
+  if (epilogue0 == kRaw) out0 = out0.narrow(1, 0, n3_0);
+  if (!params1) out1 = at::empty({0}, params0.options());
+  else if (epilogue1 == kRaw) out1 = out1.narrow(1, 0, n3_1);
   return {out0, out1};
 #else
   TORCH_CHECK(false, "mlp_pair_f32 is built for AVX-512 CPUs only");
@@ -959,8 +1031,10 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
   m.def("two_hot_f32_v1(Tensor x, Tensor? bias, Tensor centers) -> Tensor");
   m.def("ln_simnorm_f32_v1(Tensor x, Tensor bias, Tensor w, Tensor b, int groups_of, "
         "float eps) -> Tensor");
-  m.def("mlp_pair_f32_v1(Tensor? x, Tensor? a, Tensor base0, Tensor params0, int n3_0, "
-        "Tensor? base1, Tensor? params1, int n3_1, int d, float eps) -> (Tensor, Tensor)");
+  m.def("mlp_pair_f32_v2(Tensor? x, Tensor? a, Tensor base0, Tensor params0, int n3_0, "
+        "int epilogue0, Tensor? base1, Tensor? params1, int n3_1, int epilogue1, int d, "
+        "float eps, Tensor? centers, Tensor? norm_w, Tensor? norm_b, int groups_of) "
+        "-> (Tensor, Tensor)");
   m.def("mlp_pair_built() -> bool", &mlp_pair_built);
 }
 
@@ -970,5 +1044,5 @@ TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
   m.impl("mlps_f32_v1", &mlps_f32);
   m.impl("two_hot_f32_v1", &two_hot_f32);
   m.impl("ln_simnorm_f32_v1", &ln_simnorm_f32);
-  m.impl("mlp_pair_f32_v1", &mlp_pair_f32);
+  m.impl("mlp_pair_f32_v2", &mlp_pair_f32);
 }
