@@ -750,15 +750,14 @@ std::vector<at::Tensor> mlps_f32(
   return out;
 }
 
-
 // ------------------------------------------------------------------ panel-packed networks
 // Whole float32 networks as mlps_f32 computes them, on this file's own products instead of
 // BLAS (AVX-512 only): weights packed once into column panels (pack below) that stay in a
 // core's cache, and rows taken kPackedBlock at a time through all three layers, so a block's
 // activations never leave the core between layers. Each output is one FMA chain over k in
 // order (k = 0..K-1), so a row's numbers do not depend on the block, thread or batch it is
-// computed in; the summation order differs from BLAS's, so values differ from mlps_f32's by
-// float32 rounding.
+// computed in. MKL's AVX-512 kernels sum these products in the same order: the values came
+// out bitwise equal to mlps_f32's (tests allow float32 rounding; BLAS promises no order).
 //
 // Packed weight of w [K, N] (y = x @ w): N rounded up to a multiple of 16 (zero columns) and
 // cut into panels of 64 columns, the last one 16, 32, 48 or 64 wide; panel p is
