@@ -508,6 +508,18 @@ void two_hot_rows(const float* x, int64_t ld, const float* b, const float* c, in
                                    : std::numeric_limits<float>::quiet_NaN();  // as softmax's
 }
 
+// The means of two_hot_rows for `rows` rows at x (row stride ld) into out[0:rows], four rows
+// at a time.
+void two_hot_means(const float* x, int64_t ld, int64_t rows, const float* b, const float* c,
+                   int64_t k, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) two_hot_rows<4>(x + i * ld, ld, b, c, k, out + i);
+  for (; i < rows; ++i) two_hot_rows<1>(x + i * ld, ld, b, c, k, out + i);
+}
+
+// sign(v) * (exp(|v|) - 1) of one value (NaN stays NaN).
+float symexp1(float v) { return std::copysign(std::expm1(std::abs(v)), v); }
+
 // v = sign(v) * (exp(|v|) - 1) for n values in place (NaN stays NaN).
 void symexp_(float* v, int64_t n) {
   const int64_t V = Vec::size();
@@ -516,7 +528,7 @@ void symexp_(float* v, int64_t n) {
     const Vec x = Vec::loadu(v + j), e = x.abs().expm1();
     Vec::blendv(e, Vec(0.f) - e, x < Vec(0.f)).store(v + j);
   }
-  for (; j < n; ++j) v[j] = std::copysign(std::expm1(std::abs(v[j])), v[j]);
+  for (; j < n; ++j) v[j] = symexp1(v[j]);
 }
 
 at::Tensor two_hot_f32(const at::Tensor& x, const std::optional<at::Tensor>& bias,
@@ -537,9 +549,7 @@ at::Tensor two_hot_f32(const at::Tensor& x, const std::optional<at::Tensor>& bia
   const float* cp = cc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + 4 <= end; i += 4) two_hot_rows<4>(xp + i * ld, ld, bp, cp, k, op + i);
-    for (; i < end; ++i) two_hot_rows<1>(xp + i * ld, ld, bp, cp, k, op + i);
+    two_hot_means(xp + begin * ld, ld, end - begin, bp, cp, k, op + begin);
     symexp_(op + begin, end - begin);
   });
   return out;
@@ -910,15 +920,9 @@ void run_packed_rows(const PackedNet& p, const EpilogueArgs& epi, const float* x
                        p.out + (b0 + i) * p.n3);
       continue;
     }
-    int64_t i = 0;
-    for (; i + 4 <= rows; i += 4) two_hot_rows<4>(h3 + i * ldo, ldo, p.b3, epi.centers, p.n3,
-                                                  p.out + b0 + i);
-    for (; i < rows; ++i) two_hot_rows<1>(h3 + i * ldo, ldo, p.b3, epi.centers, p.n3,
-                                          p.out + b0 + i);
-    for (i = 0; i < rows; ++i) {  // symexp one value at a time: the same for every row
-      float& v = p.out[b0 + i];
-      v = std::copysign(std::expm1(std::abs(v)), v);
-    }
+    two_hot_means(h3, ldo, rows, p.b3, epi.centers, p.n3, p.out + b0);
+    for (int64_t i = 0; i < rows; ++i)  // symexp one value at a time: the same for every row
+      p.out[b0 + i] = symexp1(p.out[b0 + i]);
   }
 }
 #endif
