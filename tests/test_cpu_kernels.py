@@ -487,6 +487,31 @@ def test_packed_networks_equal_blas_networks(threads, m, d):
 
 
 @needs_packed
+@pytest.mark.parametrize("m", [1, 3, 61, 488])
+def test_packed_networks_same_values_on_any_thread_count(m):
+    """Two networks split the threads between them (each its own half; with three threads
+    one and two), one network splits its rows: the values are bitwise those of one thread."""
+    d = 80
+    dyn = _network(m, 20, d, 101, seed=m)
+    rew = _network(m, 20, d, 33, seed=m + 1)._replace(x=dyn.x, a=dyn.a)
+    calls = {"pair": [(n.base, _packed(n), n.w3.shape[1]) for n in (dyn, rew)],
+             "one": [(rew.base, _packed(rew), 33)]}
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)
+            results[threads] = {k: cpu_kernels.mlp_pair_f32(dyn.x, dyn.a, nets, d)
+                                for k, nets in calls.items()}
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 3, 4):
+        for k in calls:
+            for got, want in zip(results[threads][k], results[1][k], strict=True):
+                assert torch.equal(got, want), (threads, k)
+
+
+@needs_packed
 @pytest.mark.parametrize("m", [1, 30, 488])
 def test_packed_network_epilogues_equal_the_row_kernels(m):
     """The LayerNorm + SimNorm epilogue gives bitwise what :func:`cpu_kernels.ln_simnorm_f32`

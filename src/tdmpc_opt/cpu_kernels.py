@@ -330,7 +330,8 @@ def mlp_pair_f32(x: torch.Tensor | None, a: torch.Tensor | None,
     epilogue)`` with ``params`` from :func:`network_params`, ``hidden = D`` and an
     :data:`EPILOGUES` name (default ``raw``; ``two_hot`` needs ``centers [N3]``, ``simnorm``
     ``norm`` and ``groups_of``). Weights stay packed in each core's cache and every thread
-    takes a block of rows through all layers, 24 rows at a time; each output is summed over
+    takes a block of rows through all layers, 24 rows at a time (two networks on two or more
+    threads: each network on its own half of the threads); each output is summed over
     its inputs in order, so a row's values do not depend on the batch or thread count (as
     MKL's AVX-512 products sum: the same values as :func:`mlps_f32` on the 1M model). Returns
     per network its epilogue's result (``raw``: ``[M, N3]``, rows contiguous with row stride

@@ -934,7 +934,8 @@ void run_packed_rows(const PackedNet& p, const EpilogueArgs& epi, const float* x
 // result: kRaw [M, N3] (a view of a [M, round16(N3)] buffer; bias added), kTwoHot [M]
 // (two_hot_rows with the centres [N3], symexp one value at a time), kSimNorm [M, N3]
 // (ln_simnorm_row with norm_w, norm_b [N3] and groups_of); the second empty without a second
-// network. Every thread takes one contiguous block of rows of both networks.
+// network. Two networks on two or more threads: each takes half of the threads, every thread
+// a contiguous block of its network's rows; otherwise every thread a block of each network's.
 std::tuple<at::Tensor, at::Tensor> mlp_pair_f32(
     const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& a,
     const at::Tensor& base0, const at::Tensor& params0, int64_t n3_0, int64_t epilogue0,
@@ -995,11 +996,29 @@ std::tuple<at::Tensor, at::Tensor> mlp_pair_f32(
   const float e = static_cast<float>(eps);
   int64_t widest = 0;
   for (const PackedNet& p : nets) widest = std::max(widest, round16(p.n3));
-  at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+  // Two networks and two or more threads: each network gets its own half of the threads, so a
+  // core reads one network's weights per call instead of both (plans 1.6-2.6% faster than
+  // every thread taking rows of both, 1M model, two threads). Otherwise every thread takes a
+  // block of rows of each network. A row's values are the same either way.
+  const int64_t threads = at::get_num_threads();
+  const bool by_network = nets.size() == 2 && threads >= 2;
+  const int64_t first_threads = by_network ? threads / 2 : threads;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> h(kPackedBlock * (2 * d + widest));
     float *h1 = h.data(), *h2 = h1 + kPackedBlock * d, *h3 = h2 + kPackedBlock * d;
-    for (const PackedNet& p : nets)
-      run_packed_rows(p, epi, xp, k1, ap, na, d, r0, r1, e, h1, h2, h3);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (!by_network) {
+        for (const PackedNet& p : nets)
+          run_packed_rows(p, epi, xp, k1, ap, na, d, m * t / threads, m * (t + 1) / threads,
+                          e, h1, h2, h3);
+        continue;
+      }
+      const bool second = t >= first_threads;
+      const int64_t i = second ? t - first_threads : t;
+      const int64_t n = second ? threads - first_threads : first_threads;
+      run_packed_rows(nets[second], epi, xp, k1, ap, na, d, m * i / n, m * (i + 1) / n, e, h1,
+                      h2, h3);
+    }
   });
   if (epilogue0 == kRaw) out0 = out0.narrow(1, 0, n3_0);
   if (!params1) out1 = at::empty({0}, params0.options());
