@@ -625,6 +625,23 @@ def test_two_hot_decode_equals_softmax_mean_and_is_row_wise(threads, m, k):
 
 
 @needs_kernel
+def test_two_hot_decode_row_values_do_not_depend_on_batch_or_threads():
+    """Every row of a batch decodes bitwise as it does alone, on one thread or two (the
+    threads' chunks end at different rows, where the last values once took a scalar path)."""
+    g = torch.Generator().manual_seed(7)
+    x, centers = torch.randn(301, 101, generator=g) * 6, torch.linspace(-10, 10, 101)
+    alone = torch.cat([cpu_kernels.two_hot_decode(x[i:i + 1], centers) for i in range(301)])
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for m in (1, 17, 64, 130, 301):
+                assert torch.equal(cpu_kernels.two_hot_decode(x[:m], centers), alone[:m])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
 def test_two_hot_decode_nan_where_softmax_is_and_refuses_bad_input():
     x, centers = torch.randn(5, 101), torch.linspace(-10, 10, 101)
     x[1, 3], x[2, 100], x[3], x[4, 50] = float("nan"), float("inf"), float("-inf"), -float("inf")

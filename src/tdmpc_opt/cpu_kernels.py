@@ -211,7 +211,8 @@ def two_hot_decode(outputs: torch.Tensor, centers: torch.Tensor,
     contiguous, any row stride), its bias ``[K]`` (if not already added) and the bin centres
     ``[K]`` -> ``[M]``: ``symexp`` of the softmax-weighted mean of the centres, one pass per
     row with ``exp`` to ~1e-7 (PyTorch's softmax and sum to float32 rounding; a row whose
-    maximum is NaN or infinite gives NaN, as there)."""
+    maximum is NaN or infinite gives NaN, as there). A row's value does not depend on the
+    batch it is in or the thread count."""
     return torch.ops.tdmpc_opt_cpu.two_hot_f32_v1(outputs, bias, centers)
 
 

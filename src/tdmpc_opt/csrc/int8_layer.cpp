@@ -520,15 +520,18 @@ void two_hot_means(const float* x, int64_t ld, int64_t rows, const float* b, con
 // sign(v) * (exp(|v|) - 1) of one value (NaN stays NaN).
 float symexp1(float v) { return std::copysign(std::expm1(std::abs(v)), v); }
 
-// v = sign(v) * (exp(|v|) - 1) for n values in place (NaN stays NaN).
+// v = sign(v) * (exp(|v|) - 1) for n values in place (NaN stays NaN). Every value goes
+// through the vector expm1, the last ones in a zero-padded vector, so a value does not
+// depend on where a thread's chunk of rows ends (the scalar expm1 rounds differently).
 void symexp_(float* v, int64_t n) {
   const int64_t V = Vec::size();
+  auto apply = [](const Vec& x) {
+    const Vec e = x.abs().expm1();
+    return Vec::blendv(e, Vec(0.f) - e, x < Vec(0.f));
+  };
   int64_t j = 0;
-  for (; j + V <= n; j += V) {
-    const Vec x = Vec::loadu(v + j), e = x.abs().expm1();
-    Vec::blendv(e, Vec(0.f) - e, x < Vec(0.f)).store(v + j);
-  }
-  for (; j < n; ++j) v[j] = symexp1(v[j]);
+  for (; j + V <= n; j += V) apply(Vec::loadu(v + j)).store(v + j);
+  if (j < n) apply(Vec::loadu(v + j, n - j)).store(v + j, n - j);
 }
 
 at::Tensor two_hot_f32(const at::Tensor& x, const std::optional<at::Tensor>& bias,
