@@ -1000,7 +1000,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_pair_f32(
   int64_t widest = 0;
   for (const PackedNet& p : nets) widest = std::max(widest, round16(p.n3));
   // Two networks and two or more threads: each network gets its own half of the threads, so a
-  // core reads one network's weights per call instead of both (plans 1.6-2.6% faster than
+  // core reads one network's weights per call instead of both (plans 1.4-2.6% faster than
   // every thread taking rows of both, 1M model, two threads). Otherwise every thread takes a
   // block of rows of each network. A row's values are the same either way.
   const int64_t threads = at::get_num_threads();
