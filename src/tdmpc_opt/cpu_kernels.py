@@ -305,8 +305,7 @@ def network_params(w1: torch.Tensor | None, wa: torch.Tensor | None,
     ``[D]``, ``w2 [D, D]`` (panels) and ``b2 [D]``, LayerNorm 2's affine, ``w3 [D, N3]``
     (panels) and ``b3 [N3]`` (zero-padded to a multiple of 16). Weights ``[in, out]``."""
     n3 = w3.shape[1]
-    parts = [pack_panels(w1) if w1 is not None else None,
-             wa.detach().float().reshape(-1) if wa is not None else None,
+    parts = [pack_panels(w1) if w1 is not None else None, wa,
              *ln1, pack_panels(w2), b2, *ln2, pack_panels(w3),
              torch.nn.functional.pad(b3.detach().float(), (0, _round16(n3) - n3))]
     return torch.cat([p.detach().float().reshape(-1) for p in parts if p is not None])
