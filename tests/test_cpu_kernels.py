@@ -441,7 +441,8 @@ def test_whole_networks_refuse_bad_input():
 
 
 needs_packed = pytest.mark.skipif(not cpu_kernels.mlp_pair_available(),
-                                  reason="packed float32 networks: built for AVX-512 CPUs only")
+                                  reason="packed float32 networks: built for AVX-512 and AVX2 "
+                                         "CPUs only")
 
 
 def _packed(net: cpu_kernels.Network) -> torch.Tensor:
@@ -564,6 +565,30 @@ def test_packed_networks_refuse_bad_input():
     for x, a, nets, d in bad_calls:
         with pytest.raises(RuntimeError, match="mlp_pair_f32"):
             cpu_kernels.mlp_pair_f32(x, a, nets, d)
+
+
+@needs_packed
+def test_pack_panels_cuts_this_cpus_panel_width():
+    """Weights are packed in the panels this CPU's products read (64 columns on AVX-512, 16 on
+    AVX2): each panel [K, width] in turn, the output padded with zero columns to 16."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    width = cpu_kernels.panel_width()
+    assert width == {"AVX512": 64, "AVX2": 16}.get(isa, width) and width % 16 == 0
+    k, n = 5, 70
+    w = torch.arange(1, k * n + 1, dtype=torch.float32).view(k, n)
+    for wide in (16, 64):
+        packed = cpu_kernels.pack_panels(w, wide)
+        assert packed.numel() == k * 80  # 70 columns padded to 80
+        for col in range(80):
+            start = col // wide * wide  # the panel's first column and its width
+            pw = min(wide, 80 - start)
+            for row in range(k):
+                value = packed[k * start + row * pw + col - start].item()
+                assert value == (w[row, col].item() if col < n else 0.0), (wide, row, col)
+    assert torch.equal(cpu_kernels.pack_panels(w), cpu_kernels.pack_panels(w, width))
+    for bad in (8, 24, -16):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            cpu_kernels.pack_panels(w, bad)
 
 
 @needs_kernel

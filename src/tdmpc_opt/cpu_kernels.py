@@ -266,7 +266,7 @@ def mlps_f32(networks: Sequence[Network], eps: float = 1e-5) -> list[torch.Tenso
 
 
 def mlp_pair_available() -> bool:
-    """Whether :func:`mlp_pair_f32` runs here: the extension built for AVX-512."""
+    """Whether :func:`mlp_pair_f32` runs here: the extension built for AVX-512 or AVX2."""
     return _built("mlp_pair_built")
 
 
@@ -285,14 +285,26 @@ def _round16(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def pack_panels(w: torch.Tensor) -> torch.Tensor:
+def panel_width() -> int:
+    """How many columns wide :func:`pack_panels` cuts weights for this CPU's
+    :func:`mlp_pair_f32`: 64 on AVX-512, 16 on AVX2; 0 where it does not run."""
+    if not mlp_pair_available():
+        return 0
+    return int(torch.ops.tdmpc_opt_cpu.mlp_pair_panel())
+
+
+def pack_panels(w: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """A float32 weight ``w [K, N]`` (``y = x @ w``) in the column panels
     :func:`mlp_pair_f32` multiplies with: ``N`` zero-padded to a multiple of 16, cut into
-    panels of 64 columns (the last 16-64 wide), each stored ``[K, width]``, one after another
-    -> ``[K * round16(N)]``."""
+    panels of ``width`` columns (default :func:`panel_width`; the last one 16 to ``width``
+    wide), each stored ``[K, its width]``, one after another -> ``[K * round16(N)]``."""
+    width = width or panel_width()
+    if width <= 0 or width % 16:
+        raise ValueError(f"pack_panels: width must be a positive multiple of 16, got {width} "
+                         "(mlp_pair_f32 does not run here)")
     k, n = w.shape
     w = torch.nn.functional.pad(w.detach().float(), (0, _round16(n) - n))
-    return torch.cat([w[:, j:j + 64].reshape(-1) for j in range(0, w.shape[1], 64)])
+    return torch.cat([w[:, j:j + width].reshape(-1) for j in range(0, w.shape[1], width)])
 
 
 def network_params(w1: torch.Tensor | None, wa: torch.Tensor | None,
@@ -324,7 +336,7 @@ def mlp_pair_f32(x: torch.Tensor | None, a: torch.Tensor | None,
                  norm: tuple[torch.Tensor, torch.Tensor] | None = None,
                  groups_of: int = 0) -> list[torch.Tensor]:
     """One or two whole float32 networks on the same inputs, as :class:`Network` describes
-    them, on this package's AVX-512 products (:func:`mlp_pair_available`): ``x [M, K1]``
+    them, on this package's AVX-512 or AVX2 products (:func:`mlp_pair_available`): ``x [M, K1]``
     latents or None (their part already in the bases), ``a [M, A]`` action inputs or None,
     ``nets``: per network ``(base [G, >=D], params, N3)`` or ``(base, params, N3,
     epilogue)`` with ``params`` from :func:`network_params`, ``hidden = D`` and an

@@ -337,13 +337,13 @@ class FastWorldModel:
         """Every LayerNorm + Mish layer through :func:`cpu_kernels.ln_mish_f32` (fp32, CPU):
         one pass per row instead of PyTorch's or inductor's several."""
         packable = self.fused_ln and cpu_kernels.mlp_pair_available()
-        if packed_networks is None:  # float32 on an AVX-512 CPU where the kernels build
+        if packed_networks is None:  # float32 on an AVX-512 or AVX2 CPU where kernels build
             packed_networks = packable
         if packed_networks and not packable:
-            raise ValueError("packed_networks is for fp32 plans on an AVX-512 CPU with the "
-                             "fused kernels")
+            raise ValueError("packed_networks is for fp32 plans on an AVX-512 or AVX2 CPU with "
+                             "the fused kernels")
         self.packed_networks = packed_networks
-        """fp32 on an AVX-512 CPU (its default there): whole networks through
+        """fp32 on an AVX-512 or AVX2 CPU (its default there): whole networks through
         :func:`cpu_kernels.mlp_pair_f32`, this package's products on weights packed once into
         column panels that stay in each core's cache, 24 rows at a time through all layers,
         instead of BLAS (:attr:`whole_networks`); also in compiled graphs (an op of fixed

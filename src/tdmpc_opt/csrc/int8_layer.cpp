@@ -765,23 +765,32 @@ std::vector<at::Tensor> mlps_f32(
 
 // ------------------------------------------------------------------ panel-packed networks
 // Whole float32 networks as mlps_f32 computes them, on this file's own products instead of
-// BLAS (AVX-512 only): weights packed once into column panels (pack below) that stay in a
+// BLAS (AVX-512 and AVX2): weights packed once into column panels (pack below) that stay in a
 // core's cache, and rows taken kPackedBlock at a time through all three layers, so a block's
 // activations never leave the core between layers. Each output is one FMA chain over k in
 // order (k = 0..K-1), so a row's numbers do not depend on the block, thread or batch it is
-// computed in. MKL's AVX-512 kernels sum these products in the same order: the values came
-// out bitwise equal to mlps_f32's (tests allow float32 rounding; BLAS promises no order).
+// computed in, nor on the ISA: AVX2 takes a panel's columns 16 at a time (two 8-float
+// vectors) where AVX-512 takes them all at once, the same FMA chains. MKL's AVX-512 kernels
+// sum these products in the same order: the values came out bitwise equal to mlps_f32's
+// (tests allow float32 rounding; BLAS promises no order).
 //
 // Packed weight of w [K, N] (y = x @ w): N rounded up to a multiple of 16 (zero columns) and
-// cut into panels of 64 columns, the last one 16, 32, 48 or 64 wide; panel p is
+// cut into panels of kPanel columns (64: the last one 16, 32, 48 or 64 wide); panel p is
 // w[:, n0:n0+width] stored [K][width], the panels one after another: K * round16(N) floats.
 // A network's parameters, packed into one float32 vector (network_params_size): the first
 // layer's latent weights packed [K1 x D] (K1 = 0: none), its action weights [A, D] as they
 // are (A = 0: none), LayerNorm 1 weight and bias [D], the second layer's weights packed
 // [D x D] and bias [D], LayerNorm 2 weight and bias [D], the output weights packed [D x N3]
 // and bias [round16(N3)] (zero beyond N3).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Panel width: 64 columns on AVX-512 (4 vectors of 16); 16 on AVX2 (one strip, below), so
+// that a strip's K x 16 floats are contiguous: 256-byte rows of 64-wide panels map to a
+// quarter of L1's sets, and planning on AVX2 was 9% slower with them (session 26).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kPanel = 64, kPackedBlock = 24;
+#else
+constexpr int64_t kPanel = 16, kPackedBlock = 24;
+#endif
 
 int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -789,6 +798,7 @@ int64_t network_params_size(int64_t k1, int64_t na, int64_t d, int64_t n3) {
   return k1 * d + na * d + 2 * d + d * d + d + 2 * d + d * round16(n3) + round16(n3);
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
 // C[r, 0:16 NV] = A[r, :] @ panel for R rows; panel [K][16 NV]; A row stride lda.
 template <int R, int NV>
 void panel_rows(const float* a, int64_t lda, const float* panel, int64_t k, float* c,
@@ -821,32 +831,83 @@ void panel_rows_nv(int nv, const float* a, int64_t lda, const float* panel, int6
   }
 }
 
+// c[0:rows, 0:16 nv] = a[0:rows, 0:k] @ panel [k][16 nv]: 6 rows at a time, then the last
+// 1-5 rows in one pass over the panel.
+void panel_product(int nv, const float* a, int64_t lda, int64_t rows, const float* panel,
+                   int64_t k, float* c, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) panel_rows_nv<6>(nv, a + r * lda, lda, panel, k, c + r * ldc, ldc);
+  const float* ar = a + r * lda;
+  float* cr = c + r * ldc;
+  switch (rows - r) {
+    case 5: panel_rows_nv<5>(nv, ar, lda, panel, k, cr, ldc); break;
+    case 4: panel_rows_nv<4>(nv, ar, lda, panel, k, cr, ldc); break;
+    case 3: panel_rows_nv<3>(nv, ar, lda, panel, k, cr, ldc); break;
+    case 2: panel_rows_nv<2>(nv, ar, lda, panel, k, cr, ldc); break;
+    case 1: panel_rows_nv<1>(nv, ar, lda, panel, k, cr, ldc); break;
+    default: break;
+  }
+}
+#else
+// AVX2 has 16 vector registers: a panel is taken 16 columns (a strip, two 8-float vectors) at a
+// time, R <= 6 rows each (12 accumulators, 2 weight vectors, 1 broadcast input).
+// C[r, 0:16] = A[r, :] @ strip for R rows; strip: 16 floats per k, ldp floats apart.
+template <int R>
+void strip_rows(const float* a, int64_t lda, const float* strip, int64_t ldp, int64_t k,
+                float* c, int64_t ldc) {
+  __m256 acc[R][2];  // every loop over it fully unrolled, so that it lives in registers
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) acc[r][0] = _mm256_setzero_ps(), acc[r][1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < k; ++j) {
+    const __m256 w0 = _mm256_loadu_ps(strip + j * ldp), w1 = _mm256_loadu_ps(strip + j * ldp + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a + r * lda + j);
+      acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+  }
+}
+
+// c[0:rows, 0:16 nv] = a[0:rows, 0:k] @ panel [k][16 nv], strip by strip: 6 rows at a time,
+// then the last 1-5 rows in one pass over the strip.
+void panel_product(int nv, const float* a, int64_t lda, int64_t rows, const float* panel,
+                   int64_t k, float* c, int64_t ldc) {
+  const int64_t ldp = 16 * nv;
+  for (int64_t s = 0; s < ldp; s += 16) {
+    int64_t r = 0;
+    for (; r + 6 <= rows; r += 6)
+      strip_rows<6>(a + r * lda, lda, panel + s, ldp, k, c + r * ldc + s, ldc);
+    const float* ar = a + r * lda;
+    float* cr = c + r * ldc + s;
+    switch (rows - r) {
+      case 5: strip_rows<5>(ar, lda, panel + s, ldp, k, cr, ldc); break;
+      case 4: strip_rows<4>(ar, lda, panel + s, ldp, k, cr, ldc); break;
+      case 3: strip_rows<3>(ar, lda, panel + s, ldp, k, cr, ldc); break;
+      case 2: strip_rows<2>(ar, lda, panel + s, ldp, k, cr, ldc); break;
+      case 1: strip_rows<1>(ar, lda, panel + s, ldp, k, cr, ldc); break;
+      default: break;
+    }
+  }
+}
+#endif
+
 // c[0:rows, 0:round16(n)] = a[0:rows, 0:k] @ packed w [k x n] (+ bias [round16(n)] if given).
 void packed_product(const float* a, int64_t lda, int64_t rows, const float* packed, int64_t k,
                     int64_t n, const float* bias, float* c, int64_t ldc) {
   const int64_t width = round16(n);
-  for (int64_t n0 = 0; n0 < width; n0 += kPanel) {
-    const int nv = static_cast<int>(std::min(kPanel, width - n0) / 16);
-    const float* panel = packed + k * n0;
-    int64_t r = 0;
-    for (; r + 6 <= rows; r += 6)
-      panel_rows_nv<6>(nv, a + r * lda, lda, panel, k, c + r * ldc + n0, ldc);
-    const float* ar = a + r * lda;
-    float* cr = c + r * ldc + n0;
-    switch (rows - r) {  // the last 1-5 rows in one pass over the panel
-      case 5: panel_rows_nv<5>(nv, ar, lda, panel, k, cr, ldc); break;
-      case 4: panel_rows_nv<4>(nv, ar, lda, panel, k, cr, ldc); break;
-      case 3: panel_rows_nv<3>(nv, ar, lda, panel, k, cr, ldc); break;
-      case 2: panel_rows_nv<2>(nv, ar, lda, panel, k, cr, ldc); break;
-      case 1: panel_rows_nv<1>(nv, ar, lda, panel, k, cr, ldc); break;
-      default: break;
-    }
-  }
+  for (int64_t n0 = 0; n0 < width; n0 += kPanel)
+    panel_product(static_cast<int>(std::min(kPanel, width - n0) / 16), a, lda, rows,
+                  packed + k * n0, k, c + n0, ldc);
   if (bias)
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < width; j += 16)
-        _mm512_storeu_ps(c + r * ldc + j, _mm512_add_ps(_mm512_loadu_ps(c + r * ldc + j),
-                                                        _mm512_loadu_ps(bias + j)));
+      for (int64_t j = 0; j < width; j += Vec::size())
+        (Vec::loadu(c + r * ldc + j) + Vec::loadu(bias + j)).store(c + r * ldc + j);
 }
 
 // One network's pointers into its parameter vector (see network_params_size).
@@ -949,7 +1010,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_pair_f32(
     int64_t n3_1, int64_t epilogue1, int64_t d, double eps,
     const std::optional<at::Tensor>& centers, const std::optional<at::Tensor>& norm_w,
     const std::optional<at::Tensor>& norm_b, int64_t groups_of) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   const char* op = "mlp_pair_f32";
   TORCH_CHECK(x || a, op, ": needs x or a");
   TORCH_CHECK(!base1 == !params1, op, ": base1 and params1 come together");
@@ -1031,15 +1092,24 @@ std::tuple<at::Tensor, at::Tensor> mlp_pair_f32(
   else if (epilogue1 == kRaw) out1 = out1.narrow(1, 0, n3_1);
   return {out0, out1};
 #else
-  TORCH_CHECK(false, "mlp_pair_f32 is built for AVX-512 CPUs only");
+  TORCH_CHECK(false, "mlp_pair_f32 is built for AVX-512 and AVX2 CPUs only");
 #endif
 }
 
 bool mlp_pair_built() {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   return true;
 #else
   return false;
+#endif
+}
+
+// The panel width packed weights are cut into for mlp_pair_f32 here (0: not built).
+int64_t mlp_pair_panel() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return kPanel;
+#else
+  return 0;
 #endif
 }
 
@@ -1064,6 +1134,7 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
         "float eps, Tensor? centers, Tensor? norm_w, Tensor? norm_b, int groups_of) "
         "-> (Tensor, Tensor)");
   m.def("mlp_pair_built() -> bool", &mlp_pair_built);
+  m.def("mlp_pair_panel() -> int", &mlp_pair_panel);
 }
 
 TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
