@@ -785,7 +785,7 @@ std::vector<at::Tensor> mlps_f32(
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // Panel width: 64 columns on AVX-512 (4 vectors of 16); 16 on AVX2 (one strip, below), so
 // that a strip's K x 16 floats are contiguous: 256-byte rows of 64-wide panels map to a
-// quarter of L1's sets, and planning on AVX2 was 9% slower with them (session 26).
+// quarter of L1's sets, and float32 plans on AVX2 were 10-12% slower with them (session 26).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kPanel = 64, kPackedBlock = 24;
 #else
