@@ -349,7 +349,8 @@ class FastWorldModel:
         instead of BLAS (:attr:`whole_networks`); also in compiled graphs (an op of fixed
         arguments). Each output is one multiply-add chain over its inputs in order, as MKL's
         AVX-512 kernels sum these products (the values came out bitwise equal on the 1M
-        model); faster plans (benchmarks/README.md, session 24; AVX2: session 26)."""
+        model; MKL's AVX2 kernels sum in another order, eager actions 7e-6 apart); faster
+        plans (benchmarks/README.md, session 24; AVX2: session 26)."""
         if whole_networks is None:  # eager float32 where the fused kernels run, or packed
             whole_networks = self.fused_ln and (not self.compile or self.packed_networks)
         if whole_networks and not (self.fused_ln and (not self.compile or self.packed_networks)):

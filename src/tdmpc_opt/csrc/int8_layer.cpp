@@ -769,10 +769,11 @@ std::vector<at::Tensor> mlps_f32(
 // core's cache, and rows taken kPackedBlock at a time through all three layers, so a block's
 // activations never leave the core between layers. Each output is one FMA chain over k in
 // order (k = 0..K-1), so a row's numbers do not depend on the block, thread or batch it is
-// computed in, nor on the ISA: AVX2 takes a panel's columns 16 at a time (two 8-float
-// vectors) where AVX-512 takes them all at once, the same FMA chains. MKL's AVX-512 kernels
-// sum these products in the same order: the values came out bitwise equal to mlps_f32's
-// (tests allow float32 rounding; BLAS promises no order).
+// computed in. The products' chains are the same on AVX2, which takes 16 columns at a time
+// (two 8-float vectors) where AVX-512 takes a 64-column panel at once; the row kernels' sums
+// follow the vector width. MKL's AVX-512 kernels sum these products in the same order: the
+// values came out bitwise equal to mlps_f32's there; its AVX2 kernels sum in another order
+// (eager plans' actions up to 7e-6 apart on the 1M model). Tests allow float32 rounding.
 //
 // Packed weight of w [K, N] (y = x @ w): N rounded up to a multiple of 16 (zero columns) and
 // cut into panels of kPanel columns (64: the last one 16, 32, 48 or 64 wide); panel p is
