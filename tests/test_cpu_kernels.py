@@ -82,10 +82,11 @@ def test_wide_codes_equal_pytorch_ops():
 
 
 @needs_kernel
-def test_first_layer_parts_equal_pytorch_ops():
+@pytest.mark.parametrize("a_dim", [1, 5, 6, 9])  # 0-6 unrolled when compiled, 9 at run time
+def test_first_layer_parts_equal_pytorch_ops(a_dim):
     """Per-environment base rows, latent products and action inputs summed in the kernel."""
     g = torch.Generator().manual_seed(0)
-    envs, rows, n, a_dim = 3, 40, 96, 5
+    envs, rows, n = 3, 40, 96
     z_dense = Dense(torch.randn(n, 32, generator=g), None, "int8")
     a_dense = Dense(torch.randn(n, a_dim, generator=g), None, "fp32")
     base = torch.randn(envs, n, generator=g)
@@ -310,11 +311,12 @@ def test_f32_layer_equals_pytorch_ops_and_is_row_wise(m, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("na", [5, 6, 21])  # 0-6 unrolled when compiled, 21 at run time
 @pytest.mark.parametrize("parts", ["x+base", "x+base+a", "base+a", "a"])
-def test_f32_layer_sums_its_parts(parts):
+def test_f32_layer_sums_its_parts(parts, na):
     """Bias per group of rows and action inputs added in the kernel's pass, as the PyTorch
     ops would add them first."""
-    m, n, envs, na = 48, 40, 3, 5
+    m, n, envs = 48, 40, 3
     g = torch.Generator().manual_seed(len(parts))
     x = torch.randn(m, 2 * n, generator=g)[:, n:] * 3  # columns of a wider product
     base = torch.randn(envs, n + 8, generator=g)  # [G, >=N], as padded biases are
