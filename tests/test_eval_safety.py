@@ -323,6 +323,38 @@ def test_a_huge_episode_count_starts_at_once(ckpt, tmp_path, capsys):
     assert _episodes(out) and time.monotonic() - start < 30
 
 
+class _DropsAnInterrupt:
+    """Raises a Ctrl-C from its ``__del__``, where Python prints and drops the exception (as
+    when a Ctrl-C arrives while MuJoCo's objects of a finished episode are freed)."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_dropped_inside_a_del_still_stops_the_evaluation(ckpt, tmp_path, capsys,
+                                                                  monkeypatch):
+    """The evaluation stops at its next step with the finished episodes kept, instead of
+    running on until a second Ctrl-C (this once hung the suite's huge-episode-count test)."""
+    import tdmpc_opt.envs as envs
+
+    made, real = [], envs.make_env
+
+    def make_env(task, seed):
+        made.append(task)
+        if len(made) == 3:  # while the third episode's environment is made
+            _DropsAnInterrupt()
+        return real(task, seed)
+
+    monkeypatch.setattr(envs, "make_env", make_env)
+    out = tmp_path / "r.json"
+    code = main(_eval(ckpt, out, "--tasks", "cartpole-balance", "--episodes", "20",
+                      "--batch-size", "1"))
+    assert code == 130 and capsys.readouterr().err.strip().endswith(INTERRUPTED)
+    assert len(made) == 3 and _episodes(out) == [("cartpole-balance", 0),
+                                                 ("cartpole-balance", 1)]
+
+
 # ---------------------------------------------------------- 8: the fault-injection setting
 @pytest.mark.parametrize("value", ["garbage", "1", "x:marker", "1:", ":marker"])
 def test_a_bad_fault_injection_setting_is_one_line(ckpt, tmp_path, capsys, monkeypatch,

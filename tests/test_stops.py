@@ -34,6 +34,21 @@ def test_a_stop_waits_for_the_block_but_a_second_one_acts_at_once(sig):
     assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_dropped_inside_a_del_is_raised_again():
+    class Drops:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    with stops.noted() as seen:
+        stops.raise_noted(seen)  # nothing seen: nothing raised
+        Drops()  # its KeyboardInterrupt is printed and dropped by Python
+        assert seen == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            stops.raise_noted(seen)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_sighup_exits_129_and_nohup_keeps_it_ignored(monkeypatch, capsys):
     from tdmpc_opt.cli import info, main
 

@@ -5,7 +5,8 @@ The signals that mean "stop" (:data:`STOP_SIGNALS`): Ctrl-C (SIGINT), SIGTERM (`
 dropped). The command line raises the last two as a ``KeyboardInterrupt`` (its ``Terminated``),
 so one clean-up path serves all three. :func:`held_back` delays them over a block that must not
 be cut in half -- a training update, PyTorch's import -- and :func:`act_on` then raises them.
-Nothing here imports PyTorch.
+:func:`noted` and :func:`raise_noted` keep a stop from being lost where Python drops the
+exception (one raised inside a ``__del__``). Nothing here imports PyTorch.
 """
 
 from __future__ import annotations
@@ -65,3 +66,40 @@ def finish_first():
     with held_back() as caught:
         yield
     act_on(caught)
+
+
+@contextlib.contextmanager
+def noted(seen: list[int] | None = None):
+    """Within: every stop signal is also noted, in ``seen`` (default: a new list; yielded),
+    before its handler runs. An exception a handler raises while Python runs a ``__del__`` or
+    a weakref callback is printed and dropped (an evaluation frees MuJoCo's objects after
+    every episode, so a Ctrl-C can land there): :func:`raise_noted` at the loop's next safe
+    point raises it again. Off the main thread it notes nothing; handlers not set from Python
+    are left alone."""
+    seen = [] if seen is None else seen
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    previous = {sig: h for sig, h in previous.items() if callable(h)}
+
+    def note(signum, frame):
+        seen.append(signum)
+        previous[signum](signum, frame)
+
+    for sig in previous:
+        signal.signal(sig, note)
+    try:
+        yield seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def raise_noted(seen: list[int]) -> None:
+    """Raise again, through its handler, the first stop signal a :func:`noted` block saw: its
+    exception was dropped, or this code would not be running. Nothing when none was seen."""
+    if seen:
+        sig = seen[0]
+        seen.clear()
+        signal.raise_signal(sig)

@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from tdmpc_opt import stops
 from tdmpc_opt.cli._common import (
     add_backend_arguments,
     output_dir,
@@ -326,6 +327,11 @@ def _run_with_progress(agent, in_process: bool, todo, total: int, args, on_resul
 
     bar = tqdm(total=total, unit="step", disable=args.quiet or not total, desc="eval")
     seen_video = set()
+    seen_stops: list[int] = []  # the stop signals seen while episodes run (stops.noted)
+
+    def on_step(steps: int) -> None:
+        stops.raise_noted(seen_stops)  # a Ctrl-C whose exception a __del__ dropped: stop here
+        bar.update(steps)
 
     def record(spec):
         if args.video and spec.task not in seen_video:
@@ -344,18 +350,19 @@ def _run_with_progress(agent, in_process: bool, todo, total: int, args, on_resul
                                 backend=args.backend, workers=args.workers,
                                 batch_size=args.batch_size, max_steps=args.max_steps,
                                 ray_address=args.ray_address, on_result=on_result,
-                                on_step=bar.update, device=args.device,
+                                on_step=on_step, device=args.device,
                                 threads=args.threads or 1, precision=agent.precision,
                                 layers=agent.layers)
         return run_episodes(agent, block, args.batch_size, args.max_steps, True, on_result,
-                            bar.update, record, on_video)
+                            on_step, record, on_video)
 
     results = []
-    try:
-        while block := list(itertools.islice(todo, _BLOCK)):
-            results += run_block(block)
-    finally:
-        bar.close()
+    with stops.noted(seen_stops):
+        try:
+            while block := list(itertools.islice(todo, _BLOCK)):
+                results += run_block(block)
+        finally:
+            bar.close()
     return results
 
 
