@@ -335,7 +335,8 @@ class _DropsAnInterrupt:
 def test_a_ctrl_c_dropped_inside_a_del_still_stops_the_evaluation(ckpt, tmp_path, capsys,
                                                                   monkeypatch):
     """The evaluation stops at its next step with the finished episodes kept, instead of
-    running on until a second Ctrl-C (this once hung the suite's huge-episode-count test)."""
+    running on until a second Ctrl-C (the likely cause of one hang of the huge-episode-count
+    test above)."""
     import tdmpc_opt.envs as envs
 
     made, real = [], envs.make_env
