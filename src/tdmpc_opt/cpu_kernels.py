@@ -298,10 +298,12 @@ def pack_panels(w: torch.Tensor, width: int | None = None) -> torch.Tensor:
     :func:`mlp_pair_f32` multiplies with: ``N`` zero-padded to a multiple of 16, cut into
     panels of ``width`` columns (default :func:`panel_width`; the last one 16 to ``width``
     wide), each stored ``[K, its width]``, one after another -> ``[K * round16(N)]``."""
-    width = width or panel_width()
+    if width is None:
+        width = panel_width()
+        if not width:
+            raise ValueError("pack_panels: mlp_pair_f32 does not run here; give the width")
     if width <= 0 or width % 16:
-        raise ValueError(f"pack_panels: width must be a positive multiple of 16, got {width} "
-                         "(mlp_pair_f32 does not run here)")
+        raise ValueError(f"pack_panels: width must be a positive multiple of 16, got {width}")
     k, n = w.shape
     w = torch.nn.functional.pad(w.detach().float(), (0, _round16(n) - n))
     return torch.cat([w[:, j:j + width].reshape(-1) for j in range(0, w.shape[1], width)])
