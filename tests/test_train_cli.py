@@ -85,14 +85,27 @@ def _eval_rows(run_dir):
         return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("signal_at,kept", [(150, 60), (180, 80)], ids=["episode", "evaluation"])
+class _DropsAnInterrupt:
+    """Raises a Ctrl-C from its ``__del__``, where Python prints and drops the exception."""
+
+    def __del__(self):
+        import signal
+
+        signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("signal_at,kept,dropped", [(150, 60, False), (180, 80, False),
+                                                    (150, 60, True)],
+                         ids=["episode", "evaluation", "episode-dropped-in-a-del"])
 def test_online_interrupt_checkpoints_the_work_under_way(tiny_single_cfg, tmp_path, monkeypatch,
-                                                         signal_at, kept):
+                                                         signal_at, kept, dropped):
     """Ctrl-C in the middle of episode 4 (env call 150: 40 evaluation steps at steps 0 and 40,
     then 70 of training; last checkpoint at 40) checkpoints the start of that episode (step
     60, its buffer); Ctrl-C inside the evaluation at step 80 (env call 180) checkpoints the
     state the evaluation started from. Either way the resumed run equals an uninterrupted one,
-    evaluations included, and no finished episode is lost."""
+    evaluations included, and no finished episode is lost. A Ctrl-C whose exception Python
+    drops (raised inside a ``__del__``) stops the run at its next step the same way."""
     import os
     import signal
 
@@ -101,7 +114,9 @@ def test_online_interrupt_checkpoints_the_work_under_way(tiny_single_cfg, tmp_pa
 
     def step(self, action):
         steps.append(1)
-        if len(steps) == signal_at:
+        if len(steps) == signal_at and dropped:
+            _DropsAnInterrupt()
+        elif len(steps) == signal_at:
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, action)
 

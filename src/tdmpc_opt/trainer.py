@@ -327,6 +327,7 @@ class OnlineTrainer:
         self.rng = np.random.default_rng(self.cfg.seed)
         self.state = OnlineState()
         self._fallback: dict | None = None  # a checkpoint's state at the episode's start
+        self._stops: list[int] = []  # stop signals seen during train() (stops.noted)
         self.evaluate = evaluate or (lambda m: evaluate_model(
             m, (task,), self.cfg.eval_episodes, self.cfg.seed, planner, make_env))
         self.last: dict[str, float] = {}
@@ -365,14 +366,15 @@ class OnlineTrainer:
         if st.step == 0 and self.cfg.eval_freq:
             st.eval_next = True
         try:
-            while st.step <= self.cfg.steps:
-                self._boundary()  # after a resume: what the interrupted boundary had left
-                # What an interrupted episode falls back to: the replay buffer changes only
-                # when the episode ends, so this copy and the buffer make a checkpoint.
-                self._fallback = _cpu_copy(self._state_but_buffer())
-                obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, st.episode))
-                self._episode(obs, bar)
-            self._boundary(final=True)
+            with stops.noted(self._stops):  # a stop a __del__ dropped: raised at the next step
+                while st.step <= self.cfg.steps:
+                    self._boundary()  # after a resume: what the interrupted boundary had left
+                    # What an interrupted episode falls back to: the replay buffer changes
+                    # only when the episode ends, so this copy and the buffer make a checkpoint.
+                    self._fallback = _cpu_copy(self._state_but_buffer())
+                    obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, st.episode))
+                    self._episode(obs, bar)
+                self._boundary(final=True)
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: keep the finished episodes
             self._save_fallback()
             _close(bar)
@@ -441,6 +443,7 @@ class OnlineTrainer:
                 check_finite(self.last, st.step, self.run)
             st.step += 1
             bar.update(1)
+            stops.raise_noted(self._stops)
             if cfg.eval_freq and st.step % cfg.eval_freq == 0:
                 st.eval_next = True
             if self.last and st.step % cfg.log_freq == 0:
