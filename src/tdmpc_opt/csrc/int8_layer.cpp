@@ -99,9 +99,9 @@ float mish(float y) {
 // order); -1: na read at run time.
 template <int NA>
 float load_row_na(const float* base, const int32_t* acc, const float* cs, float rs,
-                  const float* a, int64_t na_run, const float* wa, int64_t ldw, int64_t n,
+                  const float* a, int64_t na, const float* wa, int64_t ldw, int64_t n,
                   float* buf, const int32_t* ref_hi, const int32_t* ref_lo, float rs_ref) {
-  const int64_t na = NA >= 0 ? NA : na_run;
+  const int64_t acts = NA >= 0 ? NA : na;
   const int64_t V = Vec::size();
   int64_t j = 0;
   Vec s(0.f);
@@ -118,7 +118,7 @@ float load_row_na(const float* base, const int32_t* acc, const float* cs, float 
       v = v + at::vec::convert<float>(IVec::loadu(acc + j)) * Vec::loadu(cs + j) * Vec(rs);
     }
 #pragma GCC unroll 8
-    for (int64_t k = 0; k < na; ++k) v = at::vec::fmadd(Vec(a[k]), Vec::loadu(wa + k * ldw + j), v);
+    for (int64_t k = 0; k < acts; ++k) v = at::vec::fmadd(Vec(a[k]), Vec::loadu(wa + k * ldw + j), v);
     v.store(buf + j);
     s = s + v;
   }
@@ -130,7 +130,7 @@ float load_row_na(const float* base, const int32_t* acc, const float* cs, float 
            cs[j];
     else if (acc)
       v += float(acc[j]) * cs[j] * rs;
-    for (int64_t k = 0; k < na; ++k) v = std::fma(a[k], wa[k * ldw + j], v);
+    for (int64_t k = 0; k < acts; ++k) v = std::fma(a[k], wa[k * ldw + j], v);
     buf[j] = v;
     sum += v;
   }
@@ -814,8 +814,8 @@ std::vector<at::Tensor> mlps_f32(
 // core's cache, and rows taken kPackedBlock at a time through all three layers, so a block's
 // activations never leave the core between layers. Each output is one FMA chain over k in
 // order (k = 0..K-1), so a row's numbers do not depend on the block, thread or batch it is
-// computed in. The products' chains are the same on AVX2, which takes 16 columns at a time
-// (two 8-float vectors) where AVX-512 takes a 64-column panel at once; the row kernels' sums
+// computed in. The products' chains are the same on AVX2, whose panels are 16 columns (two
+// 8-float vectors) where AVX-512's are 64; the row kernels' sums
 // follow the vector width. MKL's AVX-512 kernels sum these products in the same order: the
 // values came out bitwise equal to mlps_f32's there; its AVX2 kernels sum in another order
 // (eager plans' actions up to 7e-6 apart on the 1M model). Tests allow float32 rounding.
@@ -829,8 +829,8 @@ std::vector<at::Tensor> mlps_f32(
 // [D x D] and bias [D], LayerNorm 2 weight and bias [D], the output weights packed [D x N3]
 // and bias [round16(N3)] (zero beyond N3).
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// Panel width: 64 columns on AVX-512 (4 vectors of 16); 16 on AVX2 (one strip, below), so
-// that a strip's K x 16 floats are contiguous: 256-byte rows of 64-wide panels map to a
+// Panel width: 64 columns on AVX-512 (4 vectors of 16); 16 on AVX2 (two vectors of 8), so
+// that the K x 16 floats its kernel walks down are contiguous: 256-byte rows of 64-wide panels map to a
 // quarter of L1's sets, and float32 plans on AVX2 were 10-12% slower with them (session 26).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kPanel = 64, kPackedBlock = 24;
@@ -842,6 +842,22 @@ int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 int64_t network_params_size(int64_t k1, int64_t na, int64_t d, int64_t n3) {
   return k1 * d + na * d + 2 * d + d * d + d + 2 * d + d * round16(n3) + round16(n3);
+}
+
+// f(std::integral_constant<int, R>{}, r0) over rows 0..rows-1: 6 rows at a time, then the last
+// 1-5 rows in one call (each call one pass of a product kernel over its weights).
+template <class F>
+void by_row_groups(int64_t rows, F&& f) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) f(std::integral_constant<int, 6>{}, r);
+  switch (rows - r) {
+    case 5: return f(std::integral_constant<int, 5>{}, r);
+    case 4: return f(std::integral_constant<int, 4>{}, r);
+    case 3: return f(std::integral_constant<int, 3>{}, r);
+    case 2: return f(std::integral_constant<int, 2>{}, r);
+    case 1: return f(std::integral_constant<int, 1>{}, r);
+    default: return;
+  }
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -877,35 +893,25 @@ void panel_rows_nv(int nv, const float* a, int64_t lda, const float* panel, int6
   }
 }
 
-// c[0:rows, 0:16 nv] = a[0:rows, 0:k] @ panel [k][16 nv]: 6 rows at a time, then the last
-// 1-5 rows in one pass over the panel.
+// c[0:rows, 0:16 nv] = a[0:rows, 0:k] @ panel [k][16 nv].
 void panel_product(int nv, const float* a, int64_t lda, int64_t rows, const float* panel,
                    int64_t k, float* c, int64_t ldc) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) panel_rows_nv<6>(nv, a + r * lda, lda, panel, k, c + r * ldc, ldc);
-  const float* ar = a + r * lda;
-  float* cr = c + r * ldc;
-  switch (rows - r) {
-    case 5: panel_rows_nv<5>(nv, ar, lda, panel, k, cr, ldc); break;
-    case 4: panel_rows_nv<4>(nv, ar, lda, panel, k, cr, ldc); break;
-    case 3: panel_rows_nv<3>(nv, ar, lda, panel, k, cr, ldc); break;
-    case 2: panel_rows_nv<2>(nv, ar, lda, panel, k, cr, ldc); break;
-    case 1: panel_rows_nv<1>(nv, ar, lda, panel, k, cr, ldc); break;
-    default: break;
-  }
+  by_row_groups(rows, [&](auto group, int64_t r) {
+    panel_rows_nv<decltype(group)::value>(nv, a + r * lda, lda, panel, k, c + r * ldc, ldc);
+  });
 }
 #else
-// AVX2 has 16 vector registers: a panel is taken 16 columns (a strip, two 8-float vectors) at a
-// time, R <= 6 rows each (12 accumulators, 2 weight vectors, 1 broadcast input).
-// C[r, 0:16] = A[r, :] @ strip for R rows; strip: 16 floats per k, ldp floats apart.
+// AVX2 has 16 vector registers: a panel (16 columns here, two 8-float vectors) is taken R <= 6
+// rows at a time (12 accumulators, 2 weight vectors, 1 broadcast input).
+// C[r, 0:16] = A[r, :] @ panel for R rows; panel [K][16].
 template <int R>
-void strip_rows(const float* a, int64_t lda, const float* strip, int64_t ldp, int64_t k,
-                float* c, int64_t ldc) {
+void panel_rows(const float* a, int64_t lda, const float* panel, int64_t k, float* c,
+                int64_t ldc) {
   __m256 acc[R][2];  // every loop over it fully unrolled, so that it lives in registers
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) acc[r][0] = _mm256_setzero_ps(), acc[r][1] = _mm256_setzero_ps();
   for (int64_t j = 0; j < k; ++j) {
-    const __m256 w0 = _mm256_loadu_ps(strip + j * ldp), w1 = _mm256_loadu_ps(strip + j * ldp + 8);
+    const __m256 w0 = _mm256_loadu_ps(panel + j * 16), w1 = _mm256_loadu_ps(panel + j * 16 + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m256 x = _mm256_broadcast_ss(a + r * lda + j);
@@ -920,26 +926,12 @@ void strip_rows(const float* a, int64_t lda, const float* strip, int64_t ldp, in
   }
 }
 
-// c[0:rows, 0:16 nv] = a[0:rows, 0:k] @ panel [k][16 nv], strip by strip: 6 rows at a time,
-// then the last 1-5 rows in one pass over the strip.
-void panel_product(int nv, const float* a, int64_t lda, int64_t rows, const float* panel,
+// c[0:rows, 0:16] = a[0:rows, 0:k] @ panel [k][16] (nv is 1: kPanel is 16 here).
+void panel_product(int /*nv*/, const float* a, int64_t lda, int64_t rows, const float* panel,
                    int64_t k, float* c, int64_t ldc) {
-  const int64_t ldp = 16 * nv;
-  for (int64_t s = 0; s < ldp; s += 16) {
-    int64_t r = 0;
-    for (; r + 6 <= rows; r += 6)
-      strip_rows<6>(a + r * lda, lda, panel + s, ldp, k, c + r * ldc + s, ldc);
-    const float* ar = a + r * lda;
-    float* cr = c + r * ldc + s;
-    switch (rows - r) {
-      case 5: strip_rows<5>(ar, lda, panel + s, ldp, k, cr, ldc); break;
-      case 4: strip_rows<4>(ar, lda, panel + s, ldp, k, cr, ldc); break;
-      case 3: strip_rows<3>(ar, lda, panel + s, ldp, k, cr, ldc); break;
-      case 2: strip_rows<2>(ar, lda, panel + s, ldp, k, cr, ldc); break;
-      case 1: strip_rows<1>(ar, lda, panel + s, ldp, k, cr, ldc); break;
-      default: break;
-    }
-  }
+  by_row_groups(rows, [&](auto group, int64_t r) {
+    panel_rows<decltype(group)::value>(a + r * lda, lda, panel, k, c + r * ldc, ldc);
+  });
 }
 #endif
 
