@@ -44,11 +44,15 @@ def _int_mm_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.long() @ w.long()).int()
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 7, 9), (4, 16, 16), (37, 384, 24),
                                    (488, 384, 104), (130, 130, 200), (67, 1027, 33)])
-def test_int8_kernel_equals_int_mm(m, k, n):
-    """Every block shape and tail: rows not a multiple of 4, K not of 4, N not of 16."""
+def test_int8_kernel_equals_int_mm(m, k, n, threads):
+    """Every block shape and tail: rows not a multiple of 4, K not of 4, N not of 16; panels
+    taken in pairs (the second one partial, an odd last one alone, a pair split between two
+    threads' ranges)."""
     _need_kernel()
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(m * k + n)
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
