@@ -11,9 +11,10 @@
 // Layout: the weight is packed once into panels of 16 columns, [ceil(N/16)][ceil(K/4)][16][4]
 // (4 consecutive k of one column in one int32 lane), zero-padded. A 4-row x 16-column block
 // of the output (or 2 x 32, two panels at once) lives in 8 registers for the whole K loop. The
-// work is split into (panel, 64-row chunk) tasks over the OpenMP threads; integer sums are exact, so the result does not
-// depend on the thread count or the split. Measured on a 2-core Zen 3 (benchmarks/README.md):
-// about 1.4x float32 BLAS for the planner's shapes.
+// work is split into (panel, 64-row chunk) tasks over the OpenMP threads; integer sums are
+// exact, so the result does not depend on the thread count or the split. Measured on a 2-core
+// Zen 3 (benchmarks/README.md): about 1.4x float32 BLAS for the planner's shapes at first,
+// 5-10% more with two panels per pass (session 27).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

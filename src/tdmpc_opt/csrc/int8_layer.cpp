@@ -167,7 +167,8 @@ float load_row_na(const float* base, const int32_t* acc, const float* cs, float 
       v = v + at::vec::convert<float>(IVec::loadu(acc + j)) * Vec::loadu(cs + j) * Vec(rs);
     }
 #pragma GCC unroll 8
-    for (int64_t k = 0; k < acts; ++k) v = at::vec::fmadd(Vec(a[k]), Vec::loadu(wa + k * ldw + j), v);
+    for (int64_t k = 0; k < acts; ++k)
+      v = at::vec::fmadd(Vec(a[k]), Vec::loadu(wa + k * ldw + j), v);
     v.store(buf + j);
     s = s + v;
   }
@@ -899,8 +900,9 @@ std::vector<at::Tensor> mlps_f32(
 // and bias [round16(N3)] (zero beyond N3).
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // Panel width: 64 columns on AVX-512 (4 vectors of 16); 16 on AVX2 (two vectors of 8), so
-// that the K x 16 floats its kernel walks down are contiguous: 256-byte rows of 64-wide panels map to a
-// quarter of L1's sets, and float32 plans on AVX2 were 10-12% slower with them (session 26).
+// that the K x 16 floats its kernel walks down are contiguous: 256-byte rows of 64-wide panels
+// map to a quarter of L1's sets, and float32 plans on AVX2 were 10-12% slower with them
+// (session 26).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kPanel = 64, kPackedBlock = 24;
 #else
