@@ -43,6 +43,15 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+class DropsAnInterrupt:
+    """Raises a Ctrl-C from its ``__del__``, where Python prints and drops the exception (as
+    when a Ctrl-C arrives while MuJoCo's objects of a finished episode are freed); a test that
+    makes one ignores ``pytest.PytestUnraisableExceptionWarning``."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
 def random_model(cfg: ModelConfig) -> WorldModel:
     """A model with random weights everywhere (std 0.3): zero-initialised heads would make all
     values tie, which hides planner and quantization errors."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DropsAnInterrupt
 from tdmpc_opt import cpu_kernels
 from tdmpc_opt.backends import FAULT_ENV, run_rollouts
 from tdmpc_opt.checkpoints import save_checkpoint
@@ -323,14 +324,6 @@ def test_a_huge_episode_count_starts_at_once(ckpt, tmp_path, capsys):
     assert _episodes(out) and time.monotonic() - start < 30
 
 
-class _DropsAnInterrupt:
-    """Raises a Ctrl-C from its ``__del__``, where Python prints and drops the exception (as
-    when a Ctrl-C arrives while MuJoCo's objects of a finished episode are freed)."""
-
-    def __del__(self):
-        signal.raise_signal(signal.SIGINT)
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_ctrl_c_dropped_inside_a_del_still_stops_the_evaluation(ckpt, tmp_path, capsys,
                                                                   monkeypatch):
@@ -344,7 +337,7 @@ def test_a_ctrl_c_dropped_inside_a_del_still_stops_the_evaluation(ckpt, tmp_path
     def make_env(task, seed):
         made.append(task)
         if len(made) == 3:  # while the third episode's environment is made
-            _DropsAnInterrupt()
+            DropsAnInterrupt()
         return real(task, seed)
 
     monkeypatch.setattr(envs, "make_env", make_env)

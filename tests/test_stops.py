@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import DropsAnInterrupt
 from tdmpc_opt import stops
 
 
@@ -36,13 +37,9 @@ def test_a_stop_waits_for_the_block_but_a_second_one_acts_at_once(sig):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_stop_dropped_inside_a_del_is_raised_again():
-    class Drops:
-        def __del__(self):
-            signal.raise_signal(signal.SIGINT)
-
     with stops.noted() as seen:
         stops.raise_noted(seen)  # nothing seen: nothing raised
-        Drops()  # its KeyboardInterrupt is printed and dropped by Python
+        DropsAnInterrupt()  # its KeyboardInterrupt is printed and dropped by Python
         assert seen == [signal.SIGINT]
         with pytest.raises(KeyboardInterrupt):
             stops.raise_noted(seen)

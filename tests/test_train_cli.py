@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DropsAnInterrupt
 from official_layout import make_episodes, write_official
 from tdmpc_opt.cli import main
 from tdmpc_opt.data import Dataset
@@ -85,15 +86,6 @@ def _eval_rows(run_dir):
         return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(f)]
 
 
-class _DropsAnInterrupt:
-    """Raises a Ctrl-C from its ``__del__``, where Python prints and drops the exception."""
-
-    def __del__(self):
-        import signal
-
-        signal.raise_signal(signal.SIGINT)
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("signal_at,kept,dropped", [(150, 60, False), (180, 80, False),
                                                     (150, 60, True)],
@@ -115,7 +107,7 @@ def test_online_interrupt_checkpoints_the_work_under_way(tiny_single_cfg, tmp_pa
     def step(self, action):
         steps.append(1)
         if len(steps) == signal_at and dropped:
-            _DropsAnInterrupt()
+            DropsAnInterrupt()
         elif len(steps) == signal_at:
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, action)
