@@ -43,9 +43,8 @@ def build_other(source: Path, kernel: str) -> object:
     work = Path(tempfile.mkdtemp(prefix="bench_kernel_versions_"))
     renamed = work / f"{kernel}_other.cpp"
     renamed.write_text(source.read_text().replace("tdmpc_opt_cpu", "tdmpc_other"))
-    isa = torch.backends.cpu.get_cpu_capability()
     load("tdmpc_other", [str(renamed)], build_directory=str(work), is_python_module=False,
-         extra_cflags=["-O3", "-fopenmp", *cpu_kernels._ISA_FLAGS.get(isa, [])], verbose=False)
+         extra_cflags=cpu_kernels.build_flags(), verbose=False)
     return getattr(torch.ops.tdmpc_other, OPS[kernel])
 
 

@@ -66,6 +66,13 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+def build_flags() -> list[str]:
+    """The compiler flags the extension is built with on this CPU (also for a benchmark's
+    build of another version of a kernel's source)."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return ["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])]  # at::parallel_for is OpenMP
+
+
 def _build() -> str | None:
     """Build and load the extension; None on success, else why not."""
     if os.environ.get(_DISABLE_ENV):
@@ -78,11 +85,10 @@ def _build() -> str | None:
     name = f"tdmpc_opt_cpu_{isa.lower()}"
     build_dir = _build_directory(name)
     log.info("building the fused int8 CPU kernel for %s (once; ~30 s)", isa)
-    flags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])]  # at::parallel_for is OpenMP
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive_build(build_dir):
-            load(name, [str(p) for p in _SOURCES], extra_cflags=flags,
+            load(name, [str(p) for p in _SOURCES], extra_cflags=build_flags(),
                  build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as err:  # no compiler / ninja, or a failed build: fall back
         first = str(err).splitlines()[0] if str(err) else ""

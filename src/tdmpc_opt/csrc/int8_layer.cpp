@@ -242,8 +242,17 @@ void rows_rstd(const float* const* buf, int64_t n, const float* mean, float eps,
   }
 }
 
-// The rows begin..end-1, each loaded by load(i, buf) (returns its sum) and finished by
-// finish(i, mean, rstd, buf), two at a time (their variance chains side by side); buf holds 2n.
+// Row i loaded into buf by load(i, buf) (returns its sum), then finish(i, mean, rstd, buf).
+template <class Load, class Finish>
+void one_row(int64_t i, int64_t n, float eps, float* buf, Load&& load, Finish&& finish) {
+  const float mean = load(i, buf) / n;
+  float rstd;
+  rows_rstd<1>(&buf, n, &mean, eps, &rstd);
+  finish(i, mean, rstd, buf);
+}
+
+// The rows begin..end-1 as one_row takes them, two at a time (their variance chains side by
+// side); buf holds 2n.
 template <class Load, class Finish>
 void rows_in_pairs(int64_t begin, int64_t end, int64_t n, float eps, float* buf, Load&& load,
                    Finish&& finish) {
@@ -256,12 +265,7 @@ void rows_in_pairs(int64_t begin, int64_t end, int64_t n, float eps, float* buf,
     finish(i, mean[0], rstd[0], bufs[0]);
     finish(i + 1, mean[1], rstd[1], bufs[1]);
   }
-  if (i < end) {
-    const float mean = load(i, buf) / n;
-    float rstd;
-    rows_rstd<1>(bufs, n, &mean, eps, &rstd);
-    finish(i, mean, rstd, buf);
-  }
+  if (i < end) one_row(i, n, eps, buf, load, finish);
 }
 
 // LayerNorm (the row's mean and rstd given) + Mish + int8 of the row in buf (n values); writes
@@ -398,14 +402,13 @@ std::tuple<at::Tensor, at::Tensor> ln_mish_int8(
     };
     std::vector<float> ref(groups * n);
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        float* h = ref.data() + g * n;
-        const float mean = load(g * rows, h) / n;
-        float rstd;
-        rows_rstd<1>(&h, n, &mean, e, &rstd);
-        const float top = ln_mish_row(wp, bp, n, mean, rstd, h, nullptr);
-        code_row(h, nullptr, n, top, qp + (m + g) * n, qp + (m + groups + g) * n, tp + m + g);
-      }
+      for (int64_t g = begin; g < end; ++g)
+        one_row(g * rows, n, e, ref.data() + g * n, load,
+                [&](int64_t, float mean, float rstd, float* h) {
+                  const float top = ln_mish_row(wp, bp, n, mean, rstd, h, nullptr);
+                  code_row(h, nullptr, n, top, qp + (m + g) * n, qp + (m + groups + g) * n,
+                           tp + m + g);
+                });
     });
     at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(2 * n);
@@ -885,14 +888,15 @@ std::vector<at::Tensor> mlps_f32(
 // activations never leave the core between layers. Each output is one FMA chain over k in
 // order (k = 0..K-1), so a row's numbers do not depend on the block, thread or batch it is
 // computed in. The products' chains are the same on AVX2, whose panels are 16 columns (two
-// 8-float vectors) where AVX-512's are 64; the row kernels' sums
-// follow the vector width. MKL's AVX-512 kernels sum these products in the same order: the
-// values came out bitwise equal to mlps_f32's there; its AVX2 kernels sum in another order
-// (eager plans' actions up to 7e-6 apart on the 1M model). Tests allow float32 rounding.
+// 8-float vectors) where AVX-512's are 64; the row kernels' sums follow the vector width.
+// MKL's AVX-512 kernels sum these products in the same order: the values came out bitwise
+// equal to mlps_f32's there; its AVX2 kernels sum in another order (eager plans' actions up
+// to 7e-6 apart on the 1M model). Tests allow float32 rounding.
 //
 // Packed weight of w [K, N] (y = x @ w): N rounded up to a multiple of 16 (zero columns) and
-// cut into panels of kPanel columns (64: the last one 16, 32, 48 or 64 wide); panel p is
-// w[:, n0:n0+width] stored [K][width], the panels one after another: K * round16(N) floats.
+// cut into panels of kPanel columns (AVX-512: 64, the last one 16, 32, 48 or 64 wide; AVX2:
+// 16); panel p is w[:, n0:n0+width] stored [K][width], the panels one after another:
+// K * round16(N) floats.
 // A network's parameters, packed into one float32 vector (network_params_size): the first
 // layer's latent weights packed [K1 x D] (K1 = 0: none), its action weights [A, D] as they
 // are (A = 0: none), LayerNorm 1 weight and bias [D], the second layer's weights packed
