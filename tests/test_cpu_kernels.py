@@ -244,7 +244,7 @@ def test_reference_mode_codes_and_products():
     weight = dense.weight[:, :n].float() * dense.scale[:n]
     torch.testing.assert_close(dense.ref_product(codes, scales, groups),
                                decoded_x @ weight + dense.bias[:n], rtol=1e-5, atol=1e-4)
-    acc, _ = dense.int32_products(codes, scales[:1].expand(codes.shape[0], 1))
+    acc = dense.ref_int32_products(codes, scales)
     out, out_scales = cpu_kernels.ln_mish_int8(dense.bias[None], acc, dense.scale, scales, None,
                                                None, w, b, ref_groups=groups)
     h = F.mish(F.layer_norm(decoded_x @ weight + dense.bias[:n], (n,), w, b))
@@ -288,6 +288,133 @@ def test_reference_codes_predict_closer_to_float32(tiny_cfg):
         assert (got_ref - w).abs().mean() < (got_plain - w).abs().mean()
     with pytest.raises(ValueError, match="fused"):
         FastWorldModel(model, "int8", False, ref_codes=True)
+
+
+# ----------------------------------------------------------- int8 reference-mode outputs
+def _ref_output_case(groups: int, rows: int, n: int, seed: int = 0):
+    """Reference-mode codes of rows close together per group, an int8 output layer, its int32
+    products of those codes, and ``Dense.ref_product``'s float outputs ``[M, n]``."""
+    g = torch.Generator().manual_seed(seed)
+    k = 48
+    x = (torch.randn(groups, 1, k, generator=g)
+         + 0.05 * torch.randn(groups, rows, k, generator=g)).view(-1, k)
+    dense = Dense(torch.randn(n, k, generator=g), torch.randn(n, generator=g), "int8")
+    codes, scales = quantize_rows_ref(x, groups)
+    return dense, dense.ref_int32_products(codes, scales), scales, \
+        dense.ref_product(codes, scales, groups)
+
+
+def _ref_epilogue(epilogue: str, n: int) -> tuple[dict, object]:
+    """The op's epilogue arguments for ``n`` outputs and the row kernel it must agree with,
+    applied to ``Dense.ref_product``'s outputs."""
+    kwargs = dict(centers=torch.linspace(-10, 10, n),
+                  norm=(torch.rand(n) + 0.5, torch.randn(n)), groups_of=8)
+    then = {"raw": lambda y: y,
+            "two_hot": lambda y: cpu_kernels.two_hot_decode(y, kwargs["centers"]),
+            "simnorm": lambda y: cpu_kernels.ln_simnorm_f32(y, torch.zeros(n), kwargs["norm"],
+                                                            8)}[epilogue]
+    return kwargs, then
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("groups,rows", [(1, 1), (1, 37), (3, 41), (16, 33)])
+@pytest.mark.parametrize("epilogue,n", [("raw", 12), ("two_hot", 101), ("simnorm", 64)])
+def test_int8_ref_outputs_equal_ref_product_then_the_row_kernels(threads, groups, rows,
+                                                                  epilogue, n):
+    """raw: ``Dense.ref_product``'s outputs; two_hot and simnorm: what
+    :func:`cpu_kernels.two_hot_decode` and :func:`cpu_kernels.ln_simnorm_f32` make of them, to
+    float32 rounding; every group's rows bitwise as when that group is given alone."""
+    torch.set_num_threads(threads)
+    dense, acc, scales, y = _ref_output_case(groups, rows, n, seed=groups * rows + n)
+    kwargs, then = _ref_epilogue(epilogue, n)
+
+    def outputs(acc, scales, groups):
+        return cpu_kernels.int8_ref_outputs(acc, scales, groups, dense.scale, dense.bias, n,
+                                            epilogue, **kwargs)
+
+    got, want = outputs(acc, scales, groups), then(y)
+    assert got.shape == want.shape
+    if epilogue == "two_hot":  # symexp stretches float32 rounding of the mean
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    m, last = groups * rows, groups - 1                     # the last group alone
+    alone = outputs(torch.cat([acc[last * rows:m], acc[m + last:m + last + 1],
+                               acc[m + groups + last:m + groups + last + 1]]),
+                    torch.cat([scales[last * rows:m], scales[m + last:m + last + 1]]), 1)
+    assert torch.equal(alone, got[last * rows:m])
+
+
+@needs_kernel
+def test_int8_ref_outputs_refuse_bad_input():
+    dense, acc, scales, _ = _ref_output_case(2, 5, 16)
+    centers, norm = torch.linspace(-1, 1, 16), (torch.ones(16), torch.zeros(16))
+
+    def call(acc=acc, scales=scales, groups=2, n=16, epilogue=1, centers=centers,
+             norm_w=norm[0], groups_of=8):
+        return torch.ops.tdmpc_opt_cpu.int8_ref_outputs_v1(
+            acc, scales, groups, dense.scale, dense.bias, n, epilogue, centers, norm_w,
+            norm[1], groups_of, 1e-5)
+
+    assert call().shape == (10,)
+    bad = [dict(acc=acc.float()), dict(acc=acc.t()), dict(groups=3), dict(groups=0),
+           dict(n=17), dict(scales=scales[:5]), dict(epilogue=7), dict(centers=None),
+           dict(epilogue=2, norm_w=None), dict(epilogue=2, groups_of=5)]
+    for kwargs in bad:
+        with pytest.raises(RuntimeError, match="int8_ref_outputs"):
+            call(**kwargs)
+    with pytest.raises(ValueError, match="epilogue"):
+        cpu_kernels.int8_ref_outputs(acc, scales, 2, dense.scale, dense.bias, 16, "softmax")
+
+
+@needs_kernel
+@pytest.mark.parametrize("epilogue,n", [("raw", 12), ("two_hot", 101), ("simnorm", 64)])
+def test_int8_ref_outputs_in_a_compiled_function(epilogue, n):
+    """Compiled plans trace through the op (its registered shapes), with the eager values."""
+    dense, acc, scales, _ = _ref_output_case(2, 9, n)
+    kwargs, _ = _ref_epilogue(epilogue, n)
+
+    def f(acc):
+        return cpu_kernels.int8_ref_outputs(acc, scales, 2, dense.scale, dense.bias, n,
+                                            epilogue, **kwargs)
+
+    assert torch.equal(torch.compile(f, backend="aot_eager", fullgraph=True)(acc), f(acc))
+
+
+@needs_kernel
+@torch.no_grad()
+def test_compiled_int8_view_reads_its_outputs_with_the_kernel(tiny_cfg):
+    """int8+compile views (reference-row codes) read every output layer back with
+    :func:`cpu_kernels.int8_ref_outputs` (eager int8 keeps PyTorch's ops): next latents,
+    rewards, policy samples and Q values as the eager view's to float32 rounding."""
+    model = _model(tiny_cfg)
+    g = torch.Generator().manual_seed(3)
+    for p in model.parameters():  # the reward and Q output layers start at zero
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+    compiled, eager = FastWorldModel(model, "int8+compile"), FastWorldModel(model, "int8")
+    assert compiled.ref_outputs and compiled.ref_decode and not eager.ref_outputs
+    assert not FastWorldModel(model, "int8+compile", ref_codes=False).ref_outputs
+    regression = FastWorldModel(_model(dataclasses.replace(tiny_cfg, num_bins=1)),
+                                "int8+compile")
+    assert regression.ref_outputs and not regression.ref_decode  # one-value heads
+    task = torch.tensor([0, 1, 2])
+    z = eager.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim, generator=g), task))
+    z = z[:, None].expand(3, 40, -1).contiguous()
+    a = (torch.rand(3, 1, tiny_cfg.action_dim, generator=g) * 2 - 1
+         + 0.05 * torch.randn(3, 40, tiny_cfg.action_dim, generator=g)).clamp(-1, 1)
+    rows, mask = eager.task_rows(task, 3), eager.mask(task)
+    bias = torch.stack([eager.dyn1["task"][rows], eager.rew1["task"][rows]])
+    eps = torch.randn(3, 40, tiny_cfg.action_dim, generator=g)
+
+    def predictions(fm):
+        nxt, rew = fm.dyn_rew(fm.first_layers(a, bias, z.reshape(120, -1)), 3)
+        return (nxt, fm.decode_outputs([rew], [fm.rew3]), fm.policy(z, rows, eps, mask),
+                fm.q_members(z, a, rows, [0, 1]))
+
+    for got, want in zip(predictions(compiled), predictions(eager), strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------- float32 LayerNorm+Mish

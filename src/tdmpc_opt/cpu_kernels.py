@@ -162,6 +162,12 @@ def _register_fake() -> None:
     def _(x, bias, w, b, groups_of, eps):
         return x.new_empty((x.shape[0], w.shape[0]))
 
+    @torch.library.register_fake("tdmpc_opt_cpu::int8_ref_outputs_v1")
+    def _(acc, scales, groups, col_scale, bias, n, epilogue, centers, norm_w, norm_b,
+          groups_of, eps):
+        m = acc.shape[0] - 2 * groups
+        return bias.new_empty((m,) if epilogue == EPILOGUES["two_hot"] else (m, n))
+
     @torch.library.register_fake("tdmpc_opt_cpu::mlp_pair_f32_v2")
     def _(x, a, base0, params0, n3_0, epilogue0, base1, params1, n3_1, epilogue1, d, eps,
           centers, norm_w, norm_b, groups_of):
@@ -209,6 +215,31 @@ def ln_mish_f32(x: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor
     layer's bias and action inputs are added in the same pass instead of three.
     """
     return torch.ops.tdmpc_opt_cpu.ln_mish_f32_v2(x, base, a, wa, weight, bias, eps)
+
+
+def int8_ref_outputs(acc: torch.Tensor, scales: torch.Tensor, groups: int,
+                     col_scale: torch.Tensor, bias: torch.Tensor, n: int,
+                     epilogue: str = "raw", centers: torch.Tensor | None = None,
+                     norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     groups_of: int = 0, eps: float = 1e-5) -> torch.Tensor:
+    """An int8 output layer in reference mode and what the planner makes of it, one pass per
+    row: ``acc [M + 2E, >=n]`` int32, the product of reference-mode codes (rows ``< M`` each
+    row's difference to its group's first row, then the ``E`` first rows' two 15-bit planes;
+    :func:`tdmpc_opt.fast_model.quantize_rows_ref`) with their ``scales [M + E, 1]``, weight
+    scales ``col_scale [>=n]`` and ``bias [>=n]``, rows in ``E = groups`` groups of
+    consecutive rows. The outputs ``y [M, n]`` (as :meth:`tdmpc_opt.fast_model.Dense.
+    ref_product` computes them) become, by :data:`EPILOGUES` name: ``raw`` ``y [M, n]``;
+    ``two_hot`` their decoding with the bin ``centers [n]`` (:func:`two_hot_decode`) ``[M]``;
+    ``simnorm`` ``SimNorm(LayerNorm(y))`` with the affine ``norm`` and groups of
+    ``groups_of`` (:func:`ln_simnorm_f32`) ``[M, n]``. The same values as those functions on
+    ``ref_product``'s output up to float32 rounding."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"int8_ref_outputs: epilogue {epilogue!r}: choose from "
+                         f"{sorted(EPILOGUES)}")
+    w, b = norm if norm is not None else (None, None)
+    return torch.ops.tdmpc_opt_cpu.int8_ref_outputs_v1(acc, scales, groups, col_scale, bias, n,
+                                                       EPILOGUES[epilogue], centers, w, b,
+                                                       groups_of, eps)
 
 
 def two_hot_decode(outputs: torch.Tensor, centers: torch.Tensor,

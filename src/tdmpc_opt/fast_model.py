@@ -17,7 +17,9 @@ re-arranges the weights once instead of re-doing work per call:
 * Mish is computed exactly through one exponential (:func:`mish_`), in place;
 * int8 on a CPU: each layer's pre-activation sum, LayerNorm, Mish and quantisation for the
   next product run as one hand-fused kernel (:mod:`tdmpc_opt.cpu_kernels`, one pass per row)
-  wherever it builds; otherwise (or with ``fused_kernel=False``) as PyTorch ops; fp32 on a
+  wherever it builds, and with ``+compile`` the output layers' products are read back with
+  their epilogue (SimNorm, two-hot decoding) by another (:attr:`FastWorldModel.ref_outputs`);
+  otherwise (or with ``fused_kernel=False``) as PyTorch ops; fp32 on a
   CPU likewise runs each layer's bias (a first layer's task bias and action inputs) and
   LayerNorm + Mish as one kernel after a bias-free product (:func:`cpu_kernels.ln_mish_f32`,
   its ``exp`` within ~1e-7 of the exact one, so values move by float32 rounding only), and
@@ -279,13 +281,17 @@ class Dense:
         """int8 only: ``x @ W + b`` of :func:`quantize_rows_ref` codes ``[M + 2E, in]`` and
         scales ``[M + E, 1]`` (``E = groups``), one ``_int_mm`` of all rows -> ``[M, out]``."""
         m, n = codes.shape[0] - 2 * groups, self.out_dim
-        acc, _ = self.int32_products(codes, scales[:1].expand(codes.shape[0], 1))
-        acc = acc[:, :n].to(torch.float32)
+        acc = self.ref_int32_products(codes, scales)[:, :n].to(torch.float32)
         # Out of place: in-place ops on views of one buffer make inductor emit masked,
         # branchy loads for every element (3x slower kernels); the numbers are the same.
         ref = (acc[m + groups:] / WIDE_PLANE + acc[m:m + groups]) * scales[m:]
         y = (acc[:m] * scales[:m]).view(groups, m // groups, -1) + ref[:, None]
         return torch.addcmul(self.bias[:n], y.view(m, -1), self.scale[:n])
+
+    def ref_int32_products(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """int8 only: the int32 products ``[M + 2E, out padded]`` of :func:`quantize_rows_ref`
+        codes ``[M + 2E, in]`` (scales ``[M + E, 1]``, applied by the caller)."""
+        return self.int32_products(codes, scales[:1].expand(codes.shape[0], 1))[0]
 
     def accumulate_(self, acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``acc += x @ W`` in place (no bias); ``acc [M, out]``."""
@@ -392,6 +398,16 @@ class FastWorldModel:
         lose 3-9% (docs/quantization.md)."""
         if ref_codes:
             self.wide = frozenset()
+        self.ref_outputs = ref_codes and self.compile
+        """int8+compile with reference-row codes (its default on a CPU): every output layer's
+        products read back by :func:`cpu_kernels.int8_ref_outputs` together with what the
+        planner makes of them (the dynamics' LayerNorm + SimNorm, the two-hot heads'
+        decoding), one pass per row, instead of inductor's kernels: the same values to float32
+        rounding, faster plans (benchmarks/README.md, session 28). Eager int8 keeps PyTorch's
+        ops, the rounding its recorded scores were measured with."""
+        self.ref_decode = self.ref_outputs and model.cfg.num_bins > 1
+        """:attr:`ref_outputs` for the two-hot heads (regression heads: ``num_bins`` 0 or 1,
+        decoded by :meth:`decode`)."""
         self.sync_free = False
         """Never read tensor values on the host (set for CUDA-graph capture)."""
         c = model.cfg
@@ -521,9 +537,10 @@ class FastWorldModel:
                        ) -> torch.Tensor:
         """Decoded values of ``n`` two-hot heads' outputs ``[M, K]`` as :meth:`_out` (with
         :attr:`fused_decode` still without the bias of the output layer in ``heads``) or
-        :meth:`_whole` (bias added; with :attr:`fused_epilogues` already decoded, ``[M]``)
-        gives them, stacked along ``dim``: ``[n, M]`` or ``[M, n]``."""
-        if self.fused_decode and self.fused_epilogues:  # decoded by the networks' op
+        :meth:`_whole` (bias added; with :attr:`fused_epilogues` already decoded, ``[M]``;
+        likewise :meth:`_out` with :attr:`ref_decode`) gives them, stacked along ``dim``:
+        ``[n, M]`` or ``[M, n]``."""
+        if (self.fused_decode and self.fused_epilogues) or self.ref_decode:  # decoded by an op
             return torch.stack(outputs, dim)
         if self.fused_decode:  # whole networks' outputs carry their bias already
             return torch.stack([cpu_kernels.two_hot_decode(
@@ -577,6 +594,8 @@ class FastWorldModel:
         if self.fused_outputs:
             z = cpu_kernels.ln_simnorm_f32(dense.product(h[0])[0], dense.bias[:dense.out_dim],
                                            norm, self.cfg.simnorm_dim)
+        elif self.ref_outputs:  # normalised by the output op
+            z = self._out(dense, h, "dyn", g)
         else:
             z = self._simnorm(F.layer_norm(self._out(dense, h, "dyn", g),
                                            (self.cfg.latent_dim,), *norm))
@@ -690,9 +709,18 @@ class FastWorldModel:
 
     def _out(self, dense: Dense, h: tuple, net: str, groups: int = 0) -> torch.Tensor:
         """The output product of network ``net`` on its :meth:`_layer` output ``h``; with
-        :attr:`fused_decode` a two-hot head's without its bias (:meth:`decode_outputs`)."""
+        :attr:`fused_decode` a two-hot head's without its bias (:meth:`decode_outputs`); with
+        :attr:`ref_outputs` the dynamics' normalised and (:attr:`ref_decode`) a two-hot
+        head's decoded ``[M]``."""
         if self.fused_decode and net in ("rew", "q"):
             return dense.product(h[0])[0]
+        if groups and self.ref_outputs:
+            epilogue = "simnorm" if net == "dyn" else \
+                "two_hot" if self.ref_decode and net in ("rew", "q") else "raw"
+            return cpu_kernels.int8_ref_outputs(
+                dense.ref_int32_products(*h), h[1], groups, dense.scale, dense.bias,
+                dense.out_dim, epilogue, centers=self.centers, norm=self.dyn3[1],
+                groups_of=self.cfg.simnorm_dim)
         if groups:
             return dense.ref_product(*h, groups)
         return dense.wide(*h) if net in self.wide else dense(*h)

@@ -749,6 +749,101 @@ at::Tensor ln_simnorm_f32(const at::Tensor& x, const at::Tensor& bias, const at:
   return out;
 }
 
+// Epilogue: what a network's output rows become (kRaw: y with its bias; kTwoHot: the two-hot
+// decoding of y, one value per row; kSimNorm: SimNorm(LayerNorm(y)), the next latent).
+enum Epilogue : int64_t { kRaw = 0, kTwoHot = 1, kSimNorm = 2 };
+
+// The output layer of an int8 network in reference mode (Dense.ref_product's arithmetic) and
+// its epilogue, one pass per row, rows in E groups of M / E:
+//   ref_g = (hi_g + lo_g / 128) * s[M + g]               (group g's first row, 15-bit codes)
+//   y_i = (acc_i * s[i] + ref_g) * col_scale             (row i of group g, 8-bit codes)
+// then kRaw: y_i + bias [M, N]; kTwoHot: two_hot_rows' decoding of y_i + bias [M] (symexp_);
+// kSimNorm: ln_simnorm_row of y_i + bias with norm_w, norm_b and groups_of [M, N]. acc
+// [M + 2E, >=N] int32 with rows contiguous (the hi rows at M, the lo rows at M + E), s [M + E]:
+// the product of quantize_rows_ref's (or ln_mish_int8's reference-mode) codes. Rows are
+// independent: a row's value does not depend on the thread count or the batch.
+at::Tensor int8_ref_outputs(const at::Tensor& acc, const at::Tensor& scales, int64_t groups,
+                            const at::Tensor& col_scale, const at::Tensor& bias, int64_t n,
+                            int64_t epilogue, const std::optional<at::Tensor>& centers,
+                            const std::optional<at::Tensor>& norm_w,
+                            const std::optional<at::Tensor>& norm_b, int64_t groups_of,
+                            double eps) {
+  const char* op = "int8_ref_outputs";
+  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.stride(1) == 1 &&
+                  acc.size(1) >= n && n > 0,
+              op, ": acc must be int32 [M + 2E, >=N] with rows contiguous");
+  const int64_t m = acc.size(0) - 2 * groups;
+  TORCH_CHECK(groups > 0 && m > 0 && m % groups == 0,
+              op, ": the groups must divide the M = rows - 2E product rows");
+  at::Tensor sc, cs, bc, cc, wc, nb;
+  const float* sp = float_ptr(scales, sc, m + groups, "scales", op);
+  const float* csp = float_ptr(col_scale, cs, n, "col_scale", op);
+  const float* bp = float_ptr(bias, bc, n, "bias", op);
+  TORCH_CHECK(epilogue == kRaw || epilogue == kTwoHot || epilogue == kSimNorm,
+              op, ": unknown epilogue ", epilogue);
+  const float* cp = epilogue == kTwoHot ? float_ptr(centers, cc, n, "centers", op) : nullptr;
+  const float* wp = epilogue == kSimNorm ? float_ptr(norm_w, wc, n, "norm_w", op) : nullptr;
+  const float* nbp = epilogue == kSimNorm ? float_ptr(norm_b, nb, n, "norm_b", op) : nullptr;
+  TORCH_CHECK(epilogue != kTwoHot || cp, op, ": two_hot needs the bin centres");
+  TORCH_CHECK(epilogue != kSimNorm || (wp && nbp && groups_of > 0 && n % groups_of == 0),
+              op, ": simnorm needs norm_w, norm_b and a group size dividing N");
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const int64_t ld = acc.stride(0), rows = m / groups, V = Vec::size();
+  using IVec = at::vec::Vectorized<int32_t>;
+  std::vector<float> ref(groups * n);  // the groups' first rows, as ref_product sums them
+  for (int64_t g = 0; g < groups; ++g) {
+    const int32_t *hi = ap + (m + g) * ld, *lo = ap + (m + groups + g) * ld;
+    const float s = sp[m + g];
+    float* r = ref.data() + g * n;
+    int64_t j = 0;
+    for (; j + V <= n; j += V)
+      ((at::vec::convert<float>(IVec::loadu(lo + j)) / Vec(kLoPlane) +
+        at::vec::convert<float>(IVec::loadu(hi + j))) * Vec(s)).store(r + j);
+    for (; j < n; ++j) r[j] = (float(lo[j]) / kLoPlane + float(hi[j])) * s;
+  }
+  // row i without the bias into o[0:n]
+  auto dequant = [&](int64_t i, float* o) {
+    const int32_t* row = ap + i * ld;
+    const float* r = ref.data() + (i / rows) * n;
+    const Vec s(sp[i]);
+    int64_t j = 0;
+    for (; j + V <= n; j += V)
+      ((at::vec::convert<float>(IVec::loadu(row + j)) * s + Vec::loadu(r + j)) *
+       Vec::loadu(csp + j)).store(o + j);
+    for (; j < n; ++j) o[j] = (float(row[j]) * sp[i] + r[j]) * csp[j];
+  };
+  const float e = static_cast<float>(eps);
+  auto out = epilogue == kTwoHot ? at::empty({m}, bias.options())
+                                 : at::empty({m, n}, bias.options());
+  float* outp = out.data_ptr<float>();
+  constexpr int64_t kBlock = 16;  // rows dequantised at once for the decoding
+  at::parallel_for(0, m, kBlock, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(kBlock * n);
+    if (epilogue == kTwoHot) {
+      for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+        const int64_t b1 = std::min(end, b0 + kBlock);
+        for (int64_t i = b0; i < b1; ++i) dequant(i, buf.data() + (i - b0) * n);
+        two_hot_means(buf.data(), n, b1 - b0, bp, cp, n, outp + b0);
+      }
+      symexp_(outp + begin, end - begin);
+      return;
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      if (epilogue == kSimNorm) {
+        dequant(i, buf.data());
+        ln_simnorm_row(buf.data(), bp, wp, nbp, n, groups_of, e, outp + i * n);
+      } else {
+        float* o = outp + i * n;
+        dequant(i, o);
+        int64_t j = 0;
+        for (; j + V <= n; j += V) (Vec::loadu(bp + j) + Vec::loadu(o + j)).store(o + j);
+        for (; j < n; ++j) o[j] = bp[j] + o[j];
+      }
+    }
+  });
+  return out;
+}
+
 // Whole float32 TD-MPC2 networks (two LayerNorm+Mish layers, then a plain output layer),
 // one or more at once (P networks, e.g. dynamics and reward on the same inputs):
 //   h1 = mish(LN1(x @ w1 + base + a @ wa)), h2 = mish(LN2(h1 @ w2 + b2)), y = h2 @ w3 + b3
@@ -1024,9 +1119,6 @@ void packed_product(const float* a, int64_t lda, int64_t rows, const float* pack
 }
 
 // One network's pointers into its parameter vector (see network_params_size).
-// Epilogue: what a network's output rows become (kRaw: y with its bias; kTwoHot: the two-hot
-// decoding of y, one value per row; kSimNorm: SimNorm(LayerNorm(y)), the next latent).
-enum Epilogue : int64_t { kRaw = 0, kTwoHot = 1, kSimNorm = 2 };
 
 struct PackedNet {
   const float *w1, *wa, *ln1_w, *ln1_b, *w2, *b2, *ln2_w, *ln2_b, *w3, *b3;
@@ -1246,6 +1338,9 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
         "int epilogue0, Tensor? base1, Tensor? params1, int n3_1, int epilogue1, int d, "
         "float eps, Tensor? centers, Tensor? norm_w, Tensor? norm_b, int groups_of) "
         "-> (Tensor, Tensor)");
+  m.def("int8_ref_outputs_v1(Tensor acc, Tensor scales, int groups, Tensor col_scale, "
+        "Tensor bias, int n, int epilogue, Tensor? centers, Tensor? norm_w, Tensor? norm_b, "
+        "int groups_of, float eps) -> Tensor");
   m.def("mlp_pair_built() -> bool", &mlp_pair_built);
   m.def("mlp_pair_panel() -> int", &mlp_pair_panel);
 }
@@ -1257,4 +1352,5 @@ TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
   m.impl("two_hot_f32_v1", &two_hot_f32);
   m.impl("ln_simnorm_f32_v1", &ln_simnorm_f32);
   m.impl("mlp_pair_f32_v2", &mlp_pair_f32);
+  m.impl("int8_ref_outputs_v1", &int8_ref_outputs);
 }
