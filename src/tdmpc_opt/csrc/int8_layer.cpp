@@ -1119,7 +1119,6 @@ void packed_product(const float* a, int64_t lda, int64_t rows, const float* pack
 }
 
 // One network's pointers into its parameter vector (see network_params_size).
-
 struct PackedNet {
   const float *w1, *wa, *ln1_w, *ln1_b, *w2, *b2, *ln2_w, *ln2_b, *w3, *b3;
   const float* base;
