@@ -594,11 +594,10 @@ class FastWorldModel:
         if self.fused_outputs:
             z = cpu_kernels.ln_simnorm_f32(dense.product(h[0])[0], dense.bias[:dense.out_dim],
                                            norm, self.cfg.simnorm_dim)
-        elif self.ref_outputs:  # normalised by the output op
-            z = self._out(dense, h, "dyn", g)
         else:
-            z = self._simnorm(F.layer_norm(self._out(dense, h, "dyn", g),
-                                           (self.cfg.latent_dim,), *norm))
+            z = self._out(dense, h, "dyn", g)
+            if not self.ref_outputs:  # else normalised by the output op already
+                z = self._simnorm(F.layer_norm(z, (self.cfg.latent_dim,), *norm))
         r = self._layer(self.rew2, self._act(pre[1], self.rew1["ln"], g), "rew", g)
         return z, self._out(self.rew3, r, "rew", g)
 
