@@ -9,8 +9,9 @@ ratios is reported with the values' difference to the first variant.
 
 A variant is a precision spec followed by optional ``name=0|1`` settings of the view:
 :class:`~tdmpc_opt.fast_model.FastWorldModel`'s constructor flags (``fused_kernel``,
-``whole_networks``, ``ref_codes``) or, set before its first plan, its attributes (e.g.
-``fused_outputs=0 fused_decode=0`` for fp32+compile without the output-layer kernels)::
+``whole_networks``, ``ref_codes``, ``packed_networks``, ``ref_outputs``) or, set before its
+first plan, its attributes (e.g. ``fused_outputs=0 fused_decode=0`` for fp32+compile without
+the output-layer kernels)::
 
     python benchmarks/bench_paired.py "fp32+compile" "fp32+compile fused_outputs=0 fused_decode=0"
     python benchmarks/bench_paired.py "fp32" "fp32 whole_networks=0" --seconds 30
@@ -34,7 +35,8 @@ from tdmpc_opt.planner import plan
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / \
     "tdmpc-opt-mt30-1M-fp16.pt"
-CONSTRUCTOR_FLAGS = ("fused_kernel", "whole_networks", "ref_codes", "packed_networks")
+CONSTRUCTOR_FLAGS = ("fused_kernel", "whole_networks", "ref_codes", "packed_networks",
+                     "ref_outputs")
 
 
 def build_view(model, variant: str) -> FastWorldModel:

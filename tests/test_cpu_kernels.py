@@ -281,7 +281,7 @@ def test_reference_codes_predict_closer_to_float32(tiny_cfg):
 
     def predictions(fm):
         nxt, rew = fm.dyn_rew(fm.first_layers(a, bias, z.reshape(120, -1)), 3)
-        return nxt, rew, fm.q_members(z, a, rows, [0, 1])
+        return nxt, fm.decode_outputs([rew], [fm.rew3]), fm.q_members(z, a, rows, [0, 1])
 
     want = predictions(exact)
     for got_plain, got_ref, w in zip(predictions(plain), predictions(ref), want, strict=True):
@@ -384,27 +384,29 @@ def test_int8_ref_outputs_in_a_compiled_function(epilogue, n):
 
 @needs_kernel
 @torch.no_grad()
-def test_compiled_int8_view_reads_its_outputs_with_the_kernel(tiny_cfg):
-    """int8+compile views (reference-row codes) read every output layer back with
-    :func:`cpu_kernels.int8_ref_outputs` (eager int8 keeps PyTorch's ops): next latents,
-    rewards, policy samples and Q values as the eager view's to float32 rounding."""
+def test_int8_views_read_their_outputs_with_the_kernel(tiny_cfg):
+    """int8 views with reference-row codes, eager and compiled, read every output layer back
+    with :func:`cpu_kernels.int8_ref_outputs`: next latents, rewards, policy samples and Q
+    values as with PyTorch's ops (``ref_outputs=False``) to float32 rounding."""
     model = _model(tiny_cfg)
     g = torch.Generator().manual_seed(3)
     for p in model.parameters():  # the reward and Q output layers start at zero
         p.add_(0.1 * torch.randn(p.shape, generator=g))
-    compiled, eager = FastWorldModel(model, "int8+compile"), FastWorldModel(model, "int8")
-    assert compiled.ref_outputs and compiled.ref_decode and not eager.ref_outputs
+    plain = FastWorldModel(model, "int8", ref_outputs=False)
+    views = [FastWorldModel(model, "int8"), FastWorldModel(model, "int8+compile")]
+    assert all(v.ref_outputs and v.ref_decode for v in views) and not plain.ref_outputs
     assert not FastWorldModel(model, "int8+compile", ref_codes=False).ref_outputs
-    regression = FastWorldModel(_model(dataclasses.replace(tiny_cfg, num_bins=1)),
-                                "int8+compile")
+    with pytest.raises(ValueError, match="needs ref_codes"):
+        FastWorldModel(model, "int8", ref_codes=False, ref_outputs=True)
+    regression = FastWorldModel(_model(dataclasses.replace(tiny_cfg, num_bins=1)), "int8")
     assert regression.ref_outputs and not regression.ref_decode  # one-value heads
     task = torch.tensor([0, 1, 2])
-    z = eager.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim, generator=g), task))
+    z = plain.to_internal(model.encode(torch.randn(3, tiny_cfg.obs_dim, generator=g), task))
     z = z[:, None].expand(3, 40, -1).contiguous()
     a = (torch.rand(3, 1, tiny_cfg.action_dim, generator=g) * 2 - 1
          + 0.05 * torch.randn(3, 40, tiny_cfg.action_dim, generator=g)).clamp(-1, 1)
-    rows, mask = eager.task_rows(task, 3), eager.mask(task)
-    bias = torch.stack([eager.dyn1["task"][rows], eager.rew1["task"][rows]])
+    rows, mask = plain.task_rows(task, 3), plain.mask(task)
+    bias = torch.stack([plain.dyn1["task"][rows], plain.rew1["task"][rows]])
     eps = torch.randn(3, 40, tiny_cfg.action_dim, generator=g)
 
     def predictions(fm):
@@ -412,9 +414,11 @@ def test_compiled_int8_view_reads_its_outputs_with_the_kernel(tiny_cfg):
         return (nxt, fm.decode_outputs([rew], [fm.rew3]), fm.policy(z, rows, eps, mask),
                 fm.q_members(z, a, rows, [0, 1]))
 
-    for got, want in zip(predictions(compiled), predictions(eager), strict=True):
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    want = predictions(plain)
+    for view in views:
+        for got, expected in zip(predictions(view), want, strict=True):
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------- float32 LayerNorm+Mish

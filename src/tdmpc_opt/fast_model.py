@@ -17,8 +17,8 @@ re-arranges the weights once instead of re-doing work per call:
 * Mish is computed exactly through one exponential (:func:`mish_`), in place;
 * int8 on a CPU: each layer's pre-activation sum, LayerNorm, Mish and quantisation for the
   next product run as one hand-fused kernel (:mod:`tdmpc_opt.cpu_kernels`, one pass per row)
-  wherever it builds, and with ``+compile`` the output layers' products are read back with
-  their epilogue (SimNorm, two-hot decoding) by another (:attr:`FastWorldModel.ref_outputs`);
+  wherever it builds, and the output layers' products are read back with their epilogue
+  (SimNorm, two-hot decoding) by another (:attr:`FastWorldModel.ref_outputs`);
   otherwise (or with ``fused_kernel=False``) as PyTorch ops; fp32 on a
   CPU likewise runs each layer's bias (a first layer's task bias and action inputs) and
   LayerNorm + Mish as one kernel after a bias-free product (:func:`cpu_kernels.ln_mish_f32`,
@@ -319,7 +319,7 @@ class FastWorldModel:
     def __init__(self, model: WorldModel, precision: str = "fp32",
                  fused_kernel: bool | None = None, wide: Iterable[str] = WIDE_DEFAULT,
                  ref_codes: bool | None = None, whole_networks: bool | None = None,
-                 packed_networks: bool | None = None):
+                 packed_networks: bool | None = None, ref_outputs: bool | None = None):
         precision, self.compile = parse_precision(precision)
         wide = frozenset(wide)
         if not wide <= set(NETWORKS):
@@ -398,13 +398,18 @@ class FastWorldModel:
         lose 3-9% (docs/quantization.md)."""
         if ref_codes:
             self.wide = frozenset()
-        self.ref_outputs = ref_codes and self.compile
-        """int8+compile with reference-row codes (its default on a CPU): every output layer's
-        products read back by :func:`cpu_kernels.int8_ref_outputs` together with what the
-        planner makes of them (the dynamics' LayerNorm + SimNorm, the two-hot heads'
-        decoding), one pass per row, instead of inductor's kernels: the same values to float32
-        rounding, faster plans (benchmarks/README.md, session 28). Eager int8 keeps PyTorch's
-        ops, the rounding its recorded scores were measured with."""
+        if ref_outputs is None:
+            ref_outputs = ref_codes
+        if ref_outputs and not ref_codes:
+            raise ValueError("ref_outputs reads reference-row codes' products: needs ref_codes")
+        self.ref_outputs = ref_outputs
+        """int8 with reference-row codes (its default on a CPU), eager or compiled: every
+        output layer's products read back by :func:`cpu_kernels.int8_ref_outputs` together
+        with what the planner makes of them (the dynamics' LayerNorm + SimNorm, the two-hot
+        heads' decoding), one pass per row, instead of PyTorch's or inductor's several: the
+        same values to float32 rounding, faster plans (benchmarks/README.md, sessions 28-29);
+        the scores of docs/quantization.md were checked again with it. ``ref_outputs=False``:
+        PyTorch's ops (for comparisons)."""
         self.ref_decode = self.ref_outputs and model.cfg.num_bins > 1
         """:attr:`ref_outputs` for the two-hot heads (regression heads: ``num_bins`` 0 or 1,
         decoded by :meth:`decode`)."""
