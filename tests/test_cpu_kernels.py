@@ -347,6 +347,52 @@ def test_int8_ref_outputs_equal_ref_product_then_the_row_kernels(threads, groups
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("groups,rows", [(1, 1), (1, 512), (3, 41), (16, 33)])
+@pytest.mark.parametrize("k", [128, 37, 7])
+def test_ref_codes_are_quantize_rows_ref_bitwise(threads, groups, rows, k):
+    """The op's codes and scales equal PyTorch's ops' bit for bit (rows of a wider tensor too,
+    latents close together as in a plan, spread ones, and all-equal groups)."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(groups * rows + k)
+    m = groups * rows
+    base = torch.rand(groups, 1, k + 5, generator=g)
+    near = base + 0.01 * torch.randn(groups, rows, k + 5, generator=g)
+    spread = 3 * torch.randn(groups, rows, k + 5, generator=g)
+    same = base.expand(groups, rows, k + 5)
+    for x in (near, spread, same):
+        x = x.reshape(m, k + 5)[:, :k]                 # row stride k + 5
+        codes, scales = cpu_kernels.ref_codes(x, groups)
+        want_codes, want_scales = quantize_rows_ref(x.contiguous(), groups)
+        assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_eager_int8_plans_code_latents_with_the_op_to_the_same_actions(tiny_cfg):
+    """Eager int8 views code their latents with :func:`cpu_kernels.ref_codes`; their plans
+    equal those with PyTorch's ops bit for bit (compiled views keep inductor's kernel)."""
+    model = _model(tiny_cfg)
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+    op, plain = FastWorldModel(model, "int8"), FastWorldModel(model, "int8")
+    plain.latent_op = False
+    assert op.latent_op and not FastWorldModel(model, "int8+compile").latent_op
+    assert not FastWorldModel(model, "int8", ref_codes=False).latent_op
+    args = _three_task_plan_args(model, tiny_cfg)
+    for got, want in zip(plan(op, *args), plan(plain, *args), strict=True):
+        assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_ref_codes_refuse_bad_input():
+    x = torch.randn(6, 8)
+    for bad, groups in ((x.double(), 1), (x.t(), 1), (x, 4), (x, 0), (x[:0], 1), (x[0], 1)):
+        with pytest.raises(RuntimeError, match="ref_codes"):
+            cpu_kernels.ref_codes(bad, groups)
+
+
+@needs_kernel
 def test_int8_ref_outputs_refuse_bad_input():
     dense, acc, scales, _ = _ref_output_case(2, 5, 16)
     centers, norm = torch.linspace(-1, 1, 16), (torch.ones(16), torch.zeros(16))

@@ -168,6 +168,12 @@ def _register_fake() -> None:
         m = acc.shape[0] - 2 * groups
         return bias.new_empty((m,) if epilogue == EPILOGUES["two_hot"] else (m, n))
 
+    @torch.library.register_fake("tdmpc_opt_cpu::ref_codes_v1")
+    def _(x, groups):
+        m, k = x.shape
+        return (x.new_empty((m + 2 * groups, k), dtype=torch.int8),
+                x.new_empty((m + groups, 1)))
+
     @torch.library.register_fake("tdmpc_opt_cpu::mlp_pair_f32_v2")
     def _(x, a, base0, params0, n3_0, epilogue0, base1, params1, n3_1, epilogue1, d, eps,
           centers, norm_w, norm_b, groups_of):
@@ -240,6 +246,13 @@ def int8_ref_outputs(acc: torch.Tensor, scales: torch.Tensor, groups: int,
     return torch.ops.tdmpc_opt_cpu.int8_ref_outputs_v1(acc, scales, groups, col_scale, bias, n,
                                                        EPILOGUES[epilogue], centers, w, b,
                                                        groups_of, eps)
+
+
+def ref_codes(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tdmpc_opt.fast_model.quantize_rows_ref` in one call, bitwise: ``x [M, K]``
+    float32 (rows contiguous) in ``groups`` groups of consecutive rows -> ``(codes [M + 2E, K]
+    int8, scales [M + E, 1])`` (the int8 planner's latents, coded for the first layers)."""
+    return torch.ops.tdmpc_opt_cpu.ref_codes_v1(x, groups)
 
 
 def two_hot_decode(outputs: torch.Tensor, centers: torch.Tensor,

@@ -18,7 +18,8 @@ re-arranges the weights once instead of re-doing work per call:
 * int8 on a CPU: each layer's pre-activation sum, LayerNorm, Mish and quantisation for the
   next product run as one hand-fused kernel (:mod:`tdmpc_opt.cpu_kernels`, one pass per row)
   wherever it builds, and the output layers' products are read back with their epilogue
-  (SimNorm, two-hot decoding) by another (:attr:`FastWorldModel.ref_outputs`);
+  (SimNorm, two-hot decoding) by another (:attr:`FastWorldModel.ref_outputs`); eager, the
+  latents are coded by a third (:attr:`FastWorldModel.latent_op`);
   otherwise (or with ``fused_kernel=False``) as PyTorch ops; fp32 on a
   CPU likewise runs each layer's bias (a first layer's task bias and action inputs) and
   LayerNorm + Mish as one kernel after a bias-free product (:func:`cpu_kernels.ln_mish_f32`,
@@ -410,6 +411,11 @@ class FastWorldModel:
         same values to float32 rounding, faster plans (benchmarks/README.md, sessions 28-29);
         the scores of docs/quantization.md were checked again with it. ``ref_outputs=False``:
         PyTorch's ops (for comparisons)."""
+        self.latent_op = ref_codes and not self.compile
+        """Eager int8 with reference-row codes: the latents coded by :func:`cpu_kernels.
+        ref_codes` (bitwise :func:`quantize_rows_ref`, one call instead of PyTorch's dozen
+        ops; eager plans 0.94x the time, the same actions). Compiled, inductor's fused kernel
+        is as fast (1.004x paired), so compiled plans keep it."""
         self.ref_decode = self.ref_outputs and model.cfg.num_bins > 1
         """:attr:`ref_outputs` for the two-hot heads (regression heads: ``num_bins`` 0 or 1,
         decoded by :meth:`decode`)."""
@@ -673,8 +679,12 @@ class FastWorldModel:
         return envs if self.ref_codes else 0
 
     def _codes(self, z: torch.Tensor, envs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 codes of latents ``z [M, L]`` (``envs`` environments) for first layers."""
-        return quantize_rows_ref(z, envs) if self.ref_codes else quantize_rows(z)
+        """int8 codes of latents ``z [M, L]`` (``envs`` environments) for first layers
+        (:attr:`latent_op`: by the fused kernel's op, the same codes)."""
+        if self.ref_codes:
+            return cpu_kernels.ref_codes(z, envs) if self.latent_op else \
+                quantize_rows_ref(z, envs)
+        return quantize_rows(z)
 
     def _act(self, x, norm: tuple[torch.Tensor, torch.Tensor], groups: int = 0) -> tuple:
         """LayerNorm + Mish of a first layer's pre-activations as the next product's input:

@@ -753,6 +753,53 @@ at::Tensor ln_simnorm_f32(const at::Tensor& x, const at::Tensor& bias, const at:
 // decoding of y, one value per row; kSimNorm: SimNorm(LayerNorm(y)), the next latent).
 enum Epilogue : int64_t { kRaw = 0, kTwoHot = 1, kSimNorm = 2 };
 
+// Reference-mode codes of float32 x [M, K] (rows contiguous, any row stride) in E = groups
+// groups of M / E consecutive rows, bitwise as quantize_rows_ref (fast_model.py) computes them
+// with PyTorch's ops: codes [M + 2E, K] int8 (row i < M: round(d_i / s_i), d_i = x_i - x_g, x_g
+// its group's first row; row M + g: hi = round(u), row M + E + g: round((u - hi) * 128), u =
+// x_g / s_{M+g}) and scales s [M + E, 1] = max(max_j |row_j|, 1e-12) / 127. Divided, not
+// multiplied by a reciprocal, as PyTorch divides. Non-finite inputs give unspecified codes (as
+// PyTorch's float-to-int8 conversion does). One call per latent coding of an int8 plan in
+// place of PyTorch's dozen (sub, abs, amax, clamp, div, round, cat, conversion).
+std::tuple<at::Tensor, at::Tensor> ref_codes(const at::Tensor& x, int64_t groups) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "ref_codes: x must be float32 [M, K] with rows contiguous");
+  const int64_t m = x.size(0), k = x.size(1), ld = x.stride(0);
+  TORCH_CHECK(groups >= 1 && m >= groups && m % groups == 0,
+              "ref_codes: groups must divide the rows (at least one row each)");
+  const int64_t per = m / groups;
+  at::Tensor codes = at::empty({m + 2 * groups, k}, x.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({m + groups, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = codes.data_ptr<int8_t>();
+  float* sp = scales.data_ptr<float>();
+  const int64_t V = Vec::size();
+  at::parallel_for(0, m + groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const bool first = i >= m;  // a group's first row, coded whole in two planes
+      const int64_t g = first ? i - m : i / per;
+      const float* row = xp + (first ? g * per : i) * ld;
+      const float* ref = first ? nullptr : xp + g * per * ld;
+      auto value = [&](int64_t j) {
+        return ref ? Vec::loadu(row + j) - Vec::loadu(ref + j) : Vec::loadu(row + j);
+      };
+      auto scalar = [&](int64_t j) { return ref ? row[j] - ref[j] : row[j]; };
+      Vec mx(0.f);
+      float maxabs = 0.f;
+      int64_t j = 0;
+      for (; j + V <= k; j += V) mx = at::vec::maximum(mx, value(j).abs());
+      for (; j < k; ++j) maxabs = std::max(maxabs, std::abs(scalar(j)));
+      const float top = std::max(std::max(maxabs, max_lanes(mx)), 1e-12f) / 127.f;
+      sp[i] = top;
+      const Vec t(top);
+      store_row_codes(
+          k, [&](int64_t c) { return value(c) / t; }, [&](int64_t c) { return scalar(c) / top; },
+          qp + i * k, first ? qp + (i + groups) * k : nullptr);
+    }
+  });
+  return {codes, scales};
+}
+
 // The output layer of an int8 network in reference mode (Dense.ref_product's arithmetic) and
 // its epilogue, one pass per row, rows in E groups of M / E:
 //   ref_g = (hi_g + lo_g / 128) * s[M + g]               (group g's first row, 15-bit codes)
@@ -1340,6 +1387,7 @@ TORCH_LIBRARY(tdmpc_opt_cpu, m) {
   m.def("int8_ref_outputs_v1(Tensor acc, Tensor scales, int groups, Tensor col_scale, "
         "Tensor bias, int n, int epilogue, Tensor? centers, Tensor? norm_w, Tensor? norm_b, "
         "int groups_of, float eps) -> Tensor");
+  m.def("ref_codes_v1(Tensor x, int groups) -> (Tensor, Tensor)");
   m.def("mlp_pair_built() -> bool", &mlp_pair_built);
   m.def("mlp_pair_panel() -> int", &mlp_pair_panel);
 }
@@ -1352,4 +1400,5 @@ TORCH_LIBRARY_IMPL(tdmpc_opt_cpu, CPU, m) {
   m.impl("ln_simnorm_f32_v1", &ln_simnorm_f32);
   m.impl("mlp_pair_f32_v2", &mlp_pair_f32);
   m.impl("int8_ref_outputs_v1", &int8_ref_outputs);
+  m.impl("ref_codes_v1", &ref_codes);
 }
