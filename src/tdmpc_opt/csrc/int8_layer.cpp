@@ -325,17 +325,19 @@ float ln_mish_row(const float* w, const float* b, int64_t n, float mean, float r
 }
 
 // Reference mode, step 2: codes of h - ref (ref null: of h) with scale max|.| / 127 in
-// *top_out (max|.| from step 1); with lo, 15-bit codes as two planes (hi in q).
+// *top_out (max|.| from step 1); with lo, 15-bit codes as two planes (hi in q). Vectors are
+// multiplied by the scale's reciprocal, or with Divide divided by it as PyTorch's ops do.
+template <bool Divide = false>
 void code_row(const float* h, const float* ref, int64_t n, float maxabs, int8_t* q, int8_t* lo,
               float* top_out) {
-  const int64_t V = Vec::size();
   const float top = std::max(maxabs, 1e-12f) / 127.f;
   *top_out = top;
-  const Vec inv(1.f / top);
+  const Vec t(top), inv(1.f / top);
   store_row_codes(
       n,
       [&](int64_t i) {
-        return (ref ? Vec::loadu(h + i) - Vec::loadu(ref + i) : Vec::loadu(h + i)) * inv;
+        const Vec d = ref ? Vec::loadu(h + i) - Vec::loadu(ref + i) : Vec::loadu(h + i);
+        return Divide ? d / t : d * inv;
       },
       [&](int64_t i) { return (ref ? h[i] - ref[i] : h[i]) / top; }, q, lo);
 }
@@ -780,21 +782,15 @@ std::tuple<at::Tensor, at::Tensor> ref_codes(const at::Tensor& x, int64_t groups
       const int64_t g = first ? i - m : i / per;
       const float* row = xp + (first ? g * per : i) * ld;
       const float* ref = first ? nullptr : xp + g * per * ld;
-      auto value = [&](int64_t j) {
-        return ref ? Vec::loadu(row + j) - Vec::loadu(ref + j) : Vec::loadu(row + j);
-      };
-      auto scalar = [&](int64_t j) { return ref ? row[j] - ref[j] : row[j]; };
       Vec mx(0.f);
       float maxabs = 0.f;
       int64_t j = 0;
-      for (; j + V <= k; j += V) mx = at::vec::maximum(mx, value(j).abs());
-      for (; j < k; ++j) maxabs = std::max(maxabs, std::abs(scalar(j)));
-      const float top = std::max(std::max(maxabs, max_lanes(mx)), 1e-12f) / 127.f;
-      sp[i] = top;
-      const Vec t(top);
-      store_row_codes(
-          k, [&](int64_t c) { return value(c) / t; }, [&](int64_t c) { return scalar(c) / top; },
-          qp + i * k, first ? qp + (i + groups) * k : nullptr);
+      for (; j + V <= k; j += V)
+        mx = at::vec::maximum(
+            mx, (ref ? Vec::loadu(row + j) - Vec::loadu(ref + j) : Vec::loadu(row + j)).abs());
+      for (; j < k; ++j) maxabs = std::max(maxabs, std::abs(ref ? row[j] - ref[j] : row[j]));
+      code_row<true>(row, ref, k, std::max(maxabs, max_lanes(mx)), qp + i * k,
+                     first ? qp + (i + groups) * k : nullptr, sp + i);
     }
   });
   return {codes, scales};
